@@ -1,0 +1,3 @@
+"""Scalple: a PostgreSQL wire-protocol audit proxy."""
+
+__version__ = "0.1.0"

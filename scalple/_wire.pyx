@@ -1,0 +1,355 @@
+# cython: language_level=3
+"""Framing of PostgreSQL protocol messages on the relay path.
+
+The relay forwards every received chunk unchanged; this module only *looks*
+at the chunk while it is being forwarded.  A :class:`MessageScanner` walks the
+message headers of a byte stream that arrives in arbitrary pieces, validates
+them (length cap, legal message types) and hands back the few messages the
+audit side needs, while counting the bulky ones (DataRow, CopyData) without
+copying them.  The scanner does no I/O and knows nothing about asyncio.
+
+Body parsers for the frontend messages that carry statements (Query, Parse,
+Bind, Execute, Close) live here too, because they run once per statement.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int16_t, int32_t, uint32_t
+from libc.string cimport memchr, memcpy, memset
+
+__all__ = (
+    "MessageScanner",
+    "ProtocolViolation",
+    "parse_bind",
+    "parse_close",
+    "parse_execute",
+    "parse_parse",
+    "read_cstring",
+)
+
+
+class ProtocolViolation(Exception):
+    """The peer sent bytes that are not a well-formed protocol message.
+
+    ``offset`` is the position in the stream (bytes since the scanner was
+    created) where the bad header starts, so the log can say where it was.
+    """
+
+    def __init__(self, str message, long long offset):
+        super().__init__(message)
+        self.offset = offset
+
+
+# What the scanner does with each message type (index: the type byte).
+cdef enum Disposition:
+    SKIP = 0      # legal, forwarded, not reported
+    CAPTURE = 1   # reported with its body (up to the capture cap)
+    COUNT = 2     # legal, counted in the next reported message, body skipped
+    ILLEGAL = 3   # not allowed from this peer: ProtocolViolation
+
+
+cdef inline uint32_t _be32(const unsigned char *p) nogil:
+    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
+
+
+cdef inline int16_t _be16(const unsigned char *p) nogil:
+    return <int16_t>(((<uint32_t>p[0]) << 8) | p[1])
+
+
+cdef class MessageScanner:
+    """Incremental scanner over one direction of a post-startup stream.
+
+    ``capture`` are the type bytes whose bodies are reported, ``count`` the
+    types that are only counted, and ``allowed`` (or None for "any type")
+    the legal types; anything else raises :class:`ProtocolViolation`.
+
+    :meth:`feed` returns ``None`` when nothing was captured (the common case
+    for DataRow streams) or a list of ``(type, body, truncated, counted)``
+    tuples, where ``counted`` is the number of counted messages seen since the
+    previous reported message.  Bodies longer than ``capture_limit`` are cut
+    to that size and flagged ``truncated``; the message is still forwarded
+    whole by the caller.
+    """
+
+    cdef:
+        unsigned char _disposition[256]
+        Py_ssize_t _max_length        # largest body accepted
+        Py_ssize_t _capture_limit     # largest body reported
+        unsigned char _header[5]      # header bytes of a message split across chunks
+        int _header_len
+        unsigned char _type           # type of the message whose body is streaming
+        Py_ssize_t _remaining         # body bytes of that message still to come
+        Py_ssize_t _body_length
+        bint _capturing
+        bytearray _body               # captured part of a body split across chunks
+        Py_ssize_t _counted
+        long long _offset             # bytes consumed since creation
+        readonly long long messages   # whole messages seen since creation
+
+    def __cinit__(self):
+        self._header_len = 0
+        self._remaining = 0
+        self._capturing = False
+        self._counted = 0
+        self._offset = 0
+        self.messages = 0
+        self._body = None
+
+    def __init__(self, bytes capture, bytes count=b"", allowed=None,
+                 Py_ssize_t max_length=0x3FFFFFFF, Py_ssize_t capture_limit=1 << 20):
+        cdef int i
+        if max_length < 0 or capture_limit < 0:
+            raise ValueError("max_length and capture_limit must be >= 0")
+        if allowed is None:
+            memset(self._disposition, SKIP, 256)
+        else:
+            memset(self._disposition, ILLEGAL, 256)
+            for i in (<bytes>allowed):
+                self._disposition[i] = SKIP
+        for i in count:
+            self._disposition[i] = COUNT
+        for i in capture:
+            self._disposition[i] = CAPTURE
+        self._max_length = max_length
+        self._capture_limit = capture_limit
+
+    @property
+    def at_boundary(self):
+        """True when the stream seen so far ends exactly between messages.
+
+        Only then may the relay inject a message of its own (an error) into
+        this direction without corrupting the peer's framing.
+        """
+        return self._header_len == 0 and self._remaining == 0
+
+    @property
+    def offset(self):
+        return self._offset
+
+    def reconfigure(self, bytes capture, bytes count=b""):
+        """Change which types are captured or counted (legal types stay)."""
+        cdef int i
+        for i in range(256):
+            if self._disposition[i] != ILLEGAL:
+                self._disposition[i] = SKIP
+        for i in count:
+            if self._disposition[i] != ILLEGAL:
+                self._disposition[i] = COUNT
+        for i in capture:
+            if self._disposition[i] != ILLEGAL:
+                self._disposition[i] = CAPTURE
+
+    cdef inline object _start_message(self, const unsigned char *hdr, long long at):
+        cdef unsigned char mtype = hdr[0]
+        cdef uint32_t length = _be32(hdr + 1)
+        cdef Disposition disp = <Disposition>self._disposition[mtype]
+        if disp == ILLEGAL:
+            raise ProtocolViolation(
+                "unknown message type 0x%02x (%r)" % (mtype, chr(mtype)), at)
+        if length < 4:
+            raise ProtocolViolation(
+                "invalid message length %d for type %r (want >= 4)" % (length, chr(mtype)), at)
+        if <Py_ssize_t>(length - 4) > self._max_length:
+            raise ProtocolViolation(
+                "message of type %r is %d bytes, over the limit of %d"
+                % (chr(mtype), length - 4, self._max_length), at)
+        self._type = mtype
+        self._body_length = length - 4
+        self._remaining = self._body_length
+        self._capturing = disp == CAPTURE
+        if disp == COUNT:
+            self._counted += 1
+        return None
+
+    cdef inline object _emit(self, list out, bytes body, bint truncated):
+        out.append((self._type, body, truncated, self._counted))
+        self._counted = 0
+        return None
+
+    def feed(self, bytes data not None):
+        """Scan one chunk; return captured messages or None."""
+        cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t take, want, keep
+        cdef list out = None
+        cdef long long base = self._offset
+
+        while pos < size:
+            if self._remaining == 0 and self._header_len == 0 and size - pos >= 5:
+                # Fast path: a whole header is in this chunk.
+                self._start_message(buf + pos, base + pos)
+                pos += 5
+                if self._remaining == 0:
+                    self.messages += 1
+                    if self._capturing:
+                        if out is None:
+                            out = []
+                        self._emit(out, b"", False)
+                    continue
+                if self._capturing and size - pos >= self._remaining:
+                    # Fast path: the whole body is in this chunk too.
+                    keep = self._remaining
+                    if keep > self._capture_limit:
+                        keep = self._capture_limit
+                    if out is None:
+                        out = []
+                    self._emit(out, PyBytes_FromStringAndSize(<const char *>buf + pos, keep),
+                               keep < self._remaining)
+                    pos += self._remaining
+                    self._remaining = 0
+                    self.messages += 1
+                    continue
+                if self._capturing:
+                    self._body = bytearray()
+            elif self._remaining == 0:
+                # A header split across chunks: collect its 5 bytes.
+                take = 5 - self._header_len
+                if take > size - pos:
+                    take = size - pos
+                memcpy(self._header + self._header_len, buf + pos, take)
+                self._header_len += take
+                pos += take
+                if self._header_len < 5:
+                    break
+                self._header_len = 0
+                self._start_message(self._header, base + pos - 5)
+                if self._remaining == 0:
+                    self.messages += 1
+                    if self._capturing:
+                        if out is None:
+                            out = []
+                        self._emit(out, b"", False)
+                    continue
+                if self._capturing:
+                    self._body = bytearray()
+
+            # Streaming body bytes of the current message.
+            take = self._remaining
+            if take > size - pos:
+                take = size - pos
+            if self._capturing:
+                want = self._capture_limit - len(self._body)
+                if want > take:
+                    want = take
+                if want > 0:
+                    self._body += data[pos:pos + want]
+            pos += take
+            self._remaining -= take
+            if self._remaining == 0:
+                self.messages += 1
+                if self._capturing:
+                    if out is None:
+                        out = []
+                    self._emit(out, bytes(self._body), len(self._body) < self._body_length)
+                    self._body = None
+        self._offset += size
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Frontend message bodies.  Each parser raises ProtocolViolation (offset -1)
+# on a body that does not hold what its type promises.
+
+cdef inline Py_ssize_t _cstring_end(const unsigned char *buf, Py_ssize_t pos,
+                                    Py_ssize_t size) except -2:
+    cdef const void *nul
+    if pos >= size:
+        raise ProtocolViolation("message body ends inside a string", -1)
+    nul = memchr(buf + pos, 0, size - pos)
+    if nul == NULL:
+        raise ProtocolViolation("string in message body is not NUL-terminated", -1)
+    return <const unsigned char *>nul - buf
+
+
+def read_cstring(bytes body not None, Py_ssize_t pos=0):
+    """Return ``(text, next_pos)`` for the NUL-terminated string at ``pos``."""
+    cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t end = _cstring_end(buf, pos, PyBytes_GET_SIZE(body))
+    return PyBytes_FromStringAndSize(<const char *>buf + pos, end - pos), end + 1
+
+
+def parse_parse(bytes body not None):
+    """Parse: ``(statement_name, query)``; parameter type OIDs are not needed."""
+    cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t end1 = _cstring_end(buf, 0, size)
+    cdef Py_ssize_t end2 = _cstring_end(buf, end1 + 1, size)
+    return (PyBytes_FromStringAndSize(<const char *>buf, end1),
+            PyBytes_FromStringAndSize(<const char *>buf + end1 + 1, end2 - end1 - 1))
+
+
+def parse_execute(bytes body not None):
+    """Execute: ``(portal_name, max_rows)``."""
+    cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t end = _cstring_end(buf, 0, size)
+    if size - end - 1 < 4:
+        raise ProtocolViolation("Execute message too short", -1)
+    return (PyBytes_FromStringAndSize(<const char *>buf, end),
+            <int32_t>_be32(buf + end + 1))
+
+
+def parse_close(bytes body not None):
+    """Close: ``(kind, name)`` with kind ``b'S'`` (statement) or ``b'P'`` (portal)."""
+    cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+    if size < 2:
+        raise ProtocolViolation("Close message too short", -1)
+    cdef Py_ssize_t end = _cstring_end(buf, 1, size)
+    return (PyBytes_FromStringAndSize(<const char *>buf, 1),
+            PyBytes_FromStringAndSize(<const char *>buf + 1, end - 1))
+
+
+def parse_bind(bytes body not None):
+    """Bind: ``(portal, statement, params)``.
+
+    ``params`` is a tuple with one entry per parameter: ``None`` for SQL NULL,
+    ``bytes`` for a text-format value and ``bytearray`` for a binary-format
+    value, so the audit side can render each correctly without a second
+    format list.  A body shorter than its counts claim raises.
+    """
+    cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t end1 = _cstring_end(buf, 0, size)
+    cdef Py_ssize_t end2 = _cstring_end(buf, end1 + 1, size)
+    cdef Py_ssize_t pos = end2 + 1
+    cdef int nformats, nparams, i, fmt
+    cdef int32_t plen
+    cdef Py_ssize_t fmt_pos
+    if size - pos < 2:
+        raise ProtocolViolation("Bind message too short", -1)
+    nformats = _be16(buf + pos)
+    pos += 2
+    if nformats < 0 or size - pos < 2 * nformats + 2:
+        raise ProtocolViolation("Bind message format codes overrun the body", -1)
+    fmt_pos = pos
+    pos += 2 * nformats
+    nparams = _be16(buf + pos)
+    pos += 2
+    if nparams < 0 or (nformats > 1 and nformats != nparams):
+        raise ProtocolViolation(
+            "Bind has %d format codes for %d parameters" % (nformats, nparams), -1)
+    params = [None] * nparams
+    for i in range(nparams):
+        if size - pos < 4:
+            raise ProtocolViolation("Bind parameter %d overruns the body" % (i + 1), -1)
+        plen = <int32_t>_be32(buf + pos)
+        pos += 4
+        if plen == -1:
+            params[i] = None
+            continue
+        if plen < 0 or size - pos < plen:
+            raise ProtocolViolation("Bind parameter %d overruns the body" % (i + 1), -1)
+        if nformats == 0:
+            fmt = 0
+        elif nformats == 1:
+            fmt = _be16(buf + fmt_pos)
+        else:
+            fmt = _be16(buf + fmt_pos + 2 * i)
+        value = PyBytes_FromStringAndSize(<const char *>buf + pos, plen)
+        params[i] = value if fmt == 0 else bytearray(value)
+        pos += plen
+    return (PyBytes_FromStringAndSize(<const char *>buf, end1),
+            PyBytes_FromStringAndSize(<const char *>buf + end1 + 1, end2 - end1 - 1),
+            tuple(params))
+

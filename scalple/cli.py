@@ -1,0 +1,109 @@
+"""The ``scalple`` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from scalple import __version__
+from scalple.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("scalple")
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    return load_config(
+        args.config,
+        server__listen=args.listen,
+        upstream__address=args.upstream,
+        log__dir=args.log_dir,
+    )
+
+
+async def _serve(config: Config) -> int:
+    from scalple.proxy.listener import Proxy
+    from scalple.sink.jsonl import JsonLinesSink
+
+    loop = asyncio.get_running_loop()
+    sink = JsonLinesSink(
+        config.log.dir, max_pending=config.log.max_pending, flush_interval=config.log.flush_interval
+    )
+    proxy = Proxy(config, sink, loop)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        sink.close()
+        log.error("cannot listen on %s: %s", config.server.listen, exc.strerror or exc)
+        return 2
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"scalple: listening on {proxy.address[0]}:{proxy.address[1]}", flush=True)
+    await stop.wait()
+    log.info(
+        "shutting down: waiting up to %.0fs for open transactions", config.server.shutdown_timeout
+    )
+    await proxy.shutdown()
+    sink.close()
+    log.info("stopped; %d events written to %s", sink.written, sink.path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    config = _serve_config(args)
+    return uvloop.run(_serve(config))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from scalple.demo import run_demo
+
+    return run_demo(json_output=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scalple", description="PostgreSQL audit proxy: who accessed which data."
+    )
+    parser.add_argument("--version", action="version", version=f"scalple {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="TOML configuration file (docs/configuration.md)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="overrides [server] listen")
+    serve.add_argument("--upstream", metavar="HOST:PORT", help="overrides [upstream] address")
+    serve.add_argument("--log-dir", metavar="DIR", help="overrides [log] dir")
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", help="private PostgreSQL + PgBouncer + Scalple, a workload, the audit log"
+    )
+    demo.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"scalple: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

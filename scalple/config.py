@@ -1,0 +1,139 @@
+"""The one configuration file: a TOML document checked against a msgspec schema.
+
+Every key is documented in docs/configuration.md.  Unknown keys and values of
+the wrong type are errors that name the key (``$.server.listen``), because a
+typo in an audit proxy's configuration must never silently turn a feature off.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LogConfig",
+    "MetricsConfig",
+    "ServerConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_address",
+]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file and key."""
+
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Bytes = Annotated[int, msgspec.Meta(ge=1024)]
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[server]``: the client-facing listener."""
+
+    listen: str = "127.0.0.1:6543"
+    max_client_conn: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_message_size: Bytes = 256 * 1024 * 1024
+    startup_timeout: Seconds = 10.0
+    shutdown_timeout: Seconds = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    write_buffer_high: Bytes = 256 * 1024
+
+
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[upstream]``: PgBouncer or PostgreSQL behind the proxy."""
+
+    address: str = "127.0.0.1:6432"
+    connect_timeout: Seconds = 5.0
+    tls: Literal["disable", "require", "verify-full"] = "disable"
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[log]``: where and how audit events are written."""
+
+    dir: str = "scalple-log"
+    capture_limit: Bytes = 1024 * 1024
+    max_pending: Annotated[int, msgspec.Meta(ge=100)] = 100_000
+    flush_interval: Seconds = 0.005
+
+
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[metrics]``: the Prometheus endpoint (off when ``listen`` is empty)."""
+
+    listen: str = ""
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole file; each table has defaults, so an empty file is valid."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+def parse_address(text: str, *, key: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); the error names ``key``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _validate(config: Config, source: str) -> Config:
+    parse_address(config.server.listen, key=f"{source}: $.server.listen")
+    parse_address(config.upstream.address, key=f"{source}: $.upstream.address")
+    if config.metrics.listen:
+        parse_address(config.metrics.listen, key=f"{source}: $.metrics.listen")
+    if (config.server.tls_cert is None) != (config.server.tls_key is None):
+        raise ConfigError(f"{source}: $.server.tls_cert and $.server.tls_key go together")
+    for key, path in (
+        ("server.tls_cert", config.server.tls_cert),
+        ("server.tls_key", config.server.tls_key),
+        ("upstream.tls_ca_file", config.upstream.tls_ca_file),
+    ):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{source}: $.{key}: no such file {path!r}")
+    if config.upstream.tls == "verify-full" and config.upstream.tls_ca_file is None:
+        raise ConfigError(f"{source}: $.upstream.tls = 'verify-full' needs $.upstream.tls_ca_file")
+    return config
+
+
+def load_config(path: str | Path | None = None, **overrides: str | None) -> Config:
+    """Read ``path`` (or start from defaults) and apply command-line overrides.
+
+    ``overrides`` use dotted keys with underscores for dots, e.g.
+    ``server__listen="0.0.0.0:6543"``; None values are ignored.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such configuration file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        table, _, key = dotted.partition("__")
+        section = raw.setdefault(table, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: $.{table} must be a table")
+        section[key] = value
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return _validate(config, source)

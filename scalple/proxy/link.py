@@ -1,0 +1,603 @@
+"""One client connection and its upstream connection: the relay.
+
+``ClientLink`` is the protocol on the client's socket and owns the session:
+its phase, the upstream ``ServerLink``, the statement tracker.  Steady-state
+traffic is forwarded the moment it arrives, in the chunks it arrived in; the
+Cython scanners look at each chunk while it is forwarded and hand the few
+messages that matter to the tracker.  Nothing on this path parses SQL, waits
+for the disk or allocates per DataRow.
+
+Flow control is symmetric: when one side's write buffer passes its high
+water mark the other side stops being read, and the sink can pause every
+client when the audit writer falls behind.  Each pause has a reason bit so
+that one reason ending does not resume reading while another holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from enum import IntEnum
+from typing import TYPE_CHECKING, Final, cast
+
+from scalple import protocol as P
+from scalple._wire import MessageScanner, ProtocolViolation
+from scalple.events import SessionClosed, SessionInfo, SessionRejected
+from scalple.identity.startup import extract_identity
+from scalple.proxy.tls import TlsTerminator
+from scalple.proxy.upstream import UpstreamError
+from scalple.session.tracker import StatementTracker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from scalple._wire import Captured
+    from scalple.proxy.listener import Proxy
+
+__all__ = ["ClientLink", "Phase", "ServerLink"]
+
+log = logging.getLogger(__name__)
+
+_monotonic_ns = time.monotonic_ns
+_TERMINATE: Final = b"X\x00\x00\x00\x04"
+_AUTH_MESSAGE_LIMIT: Final = 1 << 20  # no authentication message is near this
+_HELD_LIMIT: Final = 1 << 20  # client bytes buffered while the upstream connects
+
+
+class Phase(IntEnum):
+    """Where a client link is in its life; changed only by ``_set_phase``."""
+
+    PREAMBLE = 0  # reading SSLRequest / GSSENCRequest / CancelRequest / StartupMessage
+    CONNECTING = 1  # startup accepted; opening the upstream connection
+    AUTHENTICATING = 2  # startup forwarded; relaying authentication until ReadyForQuery
+    READY = 3  # steady state: forward both ways, observe on the side
+    CLOSED = 4  # closing or closed; nothing more is forwarded
+
+
+_NEXT: Final = {
+    Phase.PREAMBLE: frozenset({Phase.CONNECTING, Phase.CLOSED}),
+    Phase.CONNECTING: frozenset({Phase.AUTHENTICATING, Phase.CLOSED}),
+    Phase.AUTHENTICATING: frozenset({Phase.READY, Phase.CLOSED}),
+    Phase.READY: frozenset({Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+}
+
+
+class Pause(IntEnum):
+    """Why reading from the client is paused (bits)."""
+
+    UPSTREAM_FULL = 1  # the upstream's write buffer is above its high water mark
+    SINK = 2  # the audit writer is behind
+    HELD = 4  # too much arrived before the upstream was connected
+
+
+class ClientLink(asyncio.Protocol):
+    """The client's side of one proxied connection, and the session's owner."""
+
+    def __init__(self, proxy: Proxy, link_id: int, over_limit: bool) -> None:
+        self._proxy = proxy
+        self.link_id = link_id
+        self._over_limit = over_limit
+        self.phase = Phase.PREAMBLE
+        self._transport: asyncio.Transport | None = None
+        self._write: Callable[[bytes], object] = _discard
+        self._tls: TlsTerminator | None = None
+        self._preamble = bytearray()
+        self._held: list[bytes] | None = []
+        self._held_size = 0
+        self._scanner: MessageScanner | None = None
+        self._tracker: StatementTracker | None = None
+        self._session: SessionInfo | None = None
+        self._startup_params: dict[str, str] = {}
+        self._server: ServerLink | None = None
+        self._up_transport: asyncio.Transport | None = None
+        self._up_write: Callable[[bytes], object] = _discard
+        self._fast = False  # READY or AUTHENTICATING without TLS: inline relay
+        self._paused = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.draining = False
+        self.client_addr = "?"
+
+    # -- phase ---------------------------------------------------------------
+
+    def _set_phase(self, phase: Phase) -> None:
+        if phase not in _NEXT[self.phase]:
+            raise RuntimeError(
+                f"link {self.link_id}: illegal phase change {self.phase.name} -> {phase.name}"
+            )
+        self.phase = phase
+
+    # -- asyncio callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they are one.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self._write = transport.write
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_addr = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.client_addr = str(peer)
+        high = self._proxy.config.server.write_buffer_high
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        self._timer = self._proxy.loop.call_later(
+            self._proxy.config.server.startup_timeout, self._startup_timed_out
+        )
+        self._proxy.link_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast:
+            # The steady-state path: scan, forward, then observe.
+            try:
+                captured = self._scanner.feed(data)  # type: ignore[union-attr]
+            except ProtocolViolation as exc:
+                self._violation(exc)
+                return
+            self._up_write(data)
+            if captured is not None:
+                self._observe_frontend(captured)
+            return
+        self._slow_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase is not Phase.CLOSED:
+            terminated = self._tracker is not None and self._tracker.terminated
+            self._close("client terminated" if terminated else "client disconnected", None)
+        self._proxy.link_closed(self)
+
+    def pause_writing(self) -> None:
+        if self._up_transport is not None:
+            self._up_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up_transport is not None and self.phase is not Phase.CLOSED:
+            self._up_transport.resume_reading()
+
+    # -- flow control ----------------------------------------------------------
+
+    def pause(self, reason: Pause) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def resume(self, reason: Pause) -> None:
+        was = self._paused
+        self._paused &= ~reason
+        if (
+            was
+            and not self._paused
+            and self._transport is not None
+            and self.phase is not Phase.CLOSED
+        ):
+            self._transport.resume_reading()
+
+    # -- everything before the steady state ------------------------------------
+
+    def _slow_received(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self._tls is not None:
+            try:
+                data = self._tls.receive(data)
+            except EOFError:
+                self._close("client closed TLS", None)
+                return
+            except Exception as exc:  # ssl.SSLError and kin
+                log.info("client %s: TLS failed: %s", self.client_addr, exc)
+                self._reject(
+                    P.SQLSTATE_PROTOCOL_VIOLATION, f"TLS handshake failed: {exc}", send=False
+                )
+                return
+            if not data:
+                return
+        if self.phase is Phase.PREAMBLE:
+            self._preamble += data
+            self._read_preamble()
+        elif self.phase is Phase.CONNECTING:
+            assert self._held is not None
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > _HELD_LIMIT:
+                self.pause(Pause.HELD)
+        else:
+            self._relay_frontend(data)
+
+    def _relay_frontend(self, data: bytes) -> None:
+        try:
+            captured = self._scanner.feed(data)  # type: ignore[union-attr]
+        except ProtocolViolation as exc:
+            self._violation(exc)
+            return
+        self._up_write(data)
+        if captured is not None:
+            self._observe_frontend(captured)
+
+    def _read_preamble(self) -> None:
+        buf = self._preamble
+        while self.phase is Phase.PREAMBLE and buf:
+            if buf[0] == P.TLS_HANDSHAKE_BYTE and self._tls is None:
+                self._start_direct_tls()
+                return
+            if len(buf) < 8:
+                return
+            length = int.from_bytes(buf[:4], "big")
+            if not 8 <= length <= P.MAX_STARTUP_LENGTH:
+                self._reject(
+                    P.SQLSTATE_PROTOCOL_VIOLATION, f"invalid length of startup packet: {length}"
+                )
+                return
+            if len(buf) < length:
+                return
+            packet = bytes(buf[:length])
+            del buf[:length]
+            code = int.from_bytes(packet[4:8], "big")
+            if code == P.SSL_REQUEST_CODE:
+                self._answer_ssl_request(bool(buf))
+            elif code == P.GSSENC_REQUEST_CODE:
+                self._write(b"N")
+            elif code == P.CANCEL_REQUEST_CODE:
+                self._forward_cancel(packet)
+            else:
+                self._startup(packet)
+
+    def _answer_ssl_request(self, more_buffered: bool) -> None:
+        ctx = self._proxy.tls_context
+        if self._tls is not None:
+            self._reject(P.SQLSTATE_PROTOCOL_VIOLATION, "SSLRequest inside an encrypted connection")
+        elif more_buffered:
+            # Bytes sent before our answer could be spliced into the TLS
+            # stream by an attacker (CVE-2021-23214): refuse.
+            self._reject(
+                P.SQLSTATE_PROTOCOL_VIOLATION, "received unencrypted data after SSL request"
+            )
+        elif ctx is None:
+            self._write(b"N")
+        else:
+            self._write(b"S")
+            self._tls = TlsTerminator(ctx, self._transport.write)  # type: ignore[union-attr]
+            self._write = self._tls.send
+
+    def _start_direct_tls(self) -> None:
+        ctx = self._proxy.tls_context
+        if ctx is None:
+            log.info("client %s: direct TLS attempted but TLS is not configured", self.client_addr)
+            self._reject(P.SQLSTATE_PROTOCOL_VIOLATION, "TLS is not configured", send=False)
+            return
+        self._tls = TlsTerminator(ctx, self._transport.write)  # type: ignore[union-attr]
+        self._write = self._tls.send
+        data = bytes(self._preamble)
+        self._preamble.clear()
+        self._slow_received(data)
+
+    def _forward_cancel(self, packet: bytes) -> None:
+        # A CancelRequest carries PgBouncer's (or PostgreSQL's) key; it goes
+        # upstream unchanged on a connection of its own and gets no answer.
+        self._proxy.loop.create_task(self._proxy.forward_cancel(packet))
+        self._close("cancel request forwarded", None)
+
+    def _startup(self, packet: bytes) -> None:
+        try:
+            startup = P.parse_startup(packet)
+        except P.StartupError as exc:
+            self._reject(P.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
+            return
+        params = startup.parameters
+        self._startup_params = params
+        if self._over_limit:
+            self._reject(
+                P.SQLSTATE_TOO_MANY_CONNECTIONS,
+                f"sorry, too many clients already (scalple max_client_conn = "
+                f"{self._proxy.config.server.max_client_conn})",
+            )
+            return
+        if self._proxy.shutting_down:
+            self._reject(P.SQLSTATE_ADMIN_SHUTDOWN, "the proxy is shutting down")
+            return
+        forward, identity = extract_identity(params)
+        startup.parameters = forward
+        user = params["user"]
+        self._session = SessionInfo(
+            session_id=self._proxy.new_session_id(),
+            client_addr=self.client_addr,
+            db_role=user,
+            database=params.get("database") or user,
+            application_name=params.get("application_name", ""),
+            user_id=identity.user_id,
+            email=identity.email,
+            identity_source="none" if identity.empty else "startup",
+            tls=self._tls is not None,
+            opened_ns=time.time_ns(),
+        )
+        config = self._proxy.config
+        self._scanner = MessageScanner(
+            P.FRONTEND_CAPTURE,
+            b"",
+            P.FRONTEND_ALLOWED,
+            config.server.max_message_size,
+            config.log.capture_limit,
+        )
+        self._tracker = StatementTracker(self._session, self._proxy.sink.submit)
+        self._set_phase(Phase.CONNECTING)
+        if self._preamble:
+            self._held = [bytes(self._preamble)]
+            self._preamble.clear()
+        self._proxy.loop.create_task(self._connect_upstream(P.build_startup(startup)))
+
+    async def _connect_upstream(self, startup: bytes) -> None:
+        try:
+            transport, server = await self._proxy.connector.connect(
+                self._proxy.loop, lambda: ServerLink(self)
+            )
+        except UpstreamError as exc:
+            log.warning("client %s: %s", self.client_addr, exc)
+            self._reject(P.SQLSTATE_CONNECTION_FAILURE, str(exc))
+            return
+        if self.phase is Phase.CLOSED:
+            transport.close()
+            return
+        high = self._proxy.config.server.write_buffer_high
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        self._server = server
+        self._up_transport = transport
+        self._up_write = transport.write
+        transport.write(startup)
+        self._set_phase(Phase.AUTHENTICATING)
+        held, self._held = self._held or [], None
+        for chunk in held:
+            self._relay_frontend(chunk)
+            if self.phase is Phase.CLOSED:
+                return
+        self.resume(Pause.HELD)
+        self._fast = self._tls is None
+
+    def session_ready(self) -> None:
+        """The upstream sent its first ReadyForQuery: authentication is done."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._set_phase(Phase.READY)
+        assert self._session is not None
+        self._proxy.sink.submit(self._session)
+        if self._proxy.sink.congested:
+            self.pause(Pause.SINK)
+        if self.draining:
+            self._close(
+                "proxy shutting down",
+                P.build_error(
+                    P.SQLSTATE_ADMIN_SHUTDOWN,
+                    "terminating connection because the proxy is shutting down",
+                ),
+            )
+
+    def _startup_timed_out(self) -> None:
+        self._timer = None
+        if self.phase is not Phase.READY and self.phase is not Phase.CLOSED:
+            self._reject(P.SQLSTATE_PROTOCOL_VIOLATION, "startup did not complete in time")
+
+    # -- observation -----------------------------------------------------------
+
+    def _observe_frontend(self, captured: list[Captured]) -> None:
+        try:
+            self._tracker.on_frontend(captured, _monotonic_ns())  # type: ignore[union-attr]
+        except Exception:
+            # Observation must never break relaying; the failure is loud.
+            self._proxy.observation_failed(self, "frontend")
+
+    def observe_backend(self, captured: list[Captured]) -> None:
+        tracker = self._tracker
+        try:
+            tracker.on_backend(captured, _monotonic_ns())  # type: ignore[union-attr]
+        except Exception:
+            self._proxy.observation_failed(self, "backend")
+        if self.draining and tracker is not None and tracker.idle:
+            self._close(
+                "proxy shutting down",
+                P.build_error(
+                    P.SQLSTATE_ADMIN_SHUTDOWN,
+                    "terminating connection because the proxy is shutting down",
+                ),
+            )
+
+    # -- ending ----------------------------------------------------------------
+
+    def _violation(self, exc: ProtocolViolation) -> None:
+        log.warning(
+            "client %s (session %s): protocol violation at byte %d: %s; closing it",
+            self.client_addr,
+            self._session.session_id if self._session else "-",
+            exc.offset,
+            exc,
+        )
+        self._close(
+            f"protocol violation: {exc}", P.build_error(P.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
+        )
+
+    def _reject(self, sqlstate: str, message: str, *, send: bool = True) -> None:
+        """Refuse a connection that never became a session."""
+        self._close(message, P.build_error(sqlstate, message) if send else None, sqlstate=sqlstate)
+
+    def upstream_failed(self, message: str, *, at_boundary: bool) -> None:
+        """The upstream closed or broke: tell the client, if its stream allows."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self._tracker is not None and self._tracker.terminated:
+            self._close("client terminated", None)
+            return
+        error = P.build_error(P.SQLSTATE_CONNECTION_FAILURE, message) if at_boundary else None
+        log.warning("client %s: %s", self.client_addr, message)
+        self._close(message, error, sqlstate=P.SQLSTATE_CONNECTION_FAILURE)
+
+    def shutdown(self) -> None:
+        """Close now if idle, else when the running transaction ends."""
+        self.draining = True
+        tracker = self._tracker
+        if self.phase is Phase.READY and tracker is not None and tracker.idle:
+            self._close(
+                "proxy shutting down",
+                P.build_error(
+                    P.SQLSTATE_ADMIN_SHUTDOWN,
+                    "terminating connection because the proxy is shutting down",
+                ),
+            )
+        elif self.phase in (Phase.PREAMBLE, Phase.CONNECTING):
+            self._reject(P.SQLSTATE_ADMIN_SHUTDOWN, "the proxy is shutting down")
+
+    def force_close(self, reason: str) -> None:
+        self._close(
+            reason,
+            P.build_error(P.SQLSTATE_ADMIN_SHUTDOWN, reason),
+            sqlstate=P.SQLSTATE_ADMIN_SHUTDOWN,
+        )
+
+    def _close(self, reason: str, error: bytes | None, *, sqlstate: str | None = None) -> None:
+        """The one way a link ends: idempotent, records what happened."""
+        if self.phase is Phase.CLOSED:
+            return
+        was = self.phase
+        self._set_phase(Phase.CLOSED)
+        self._fast = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        server_ok = self._server is None or self._server.at_boundary
+        if error is not None and server_ok and self._transport is not None:
+            with contextlib.suppress(Exception):  # the client may already be gone
+                self._write(error)
+        if self._transport is not None:
+            self._transport.close()
+        if self._up_transport is not None:
+            if self._scanner is not None and self._scanner.at_boundary and was is Phase.READY:
+                self._up_transport.write(_TERMINATE)
+            self._up_transport.close()
+        now = _monotonic_ns()
+        if self._tracker is not None:
+            self._tracker.close(now, sqlstate or P.SQLSTATE_CONNECTION_FAILURE)
+        sink = self._proxy.sink
+        if was is Phase.READY and self._session is not None:
+            statements = self._tracker.statements if self._tracker else 0
+            sink.submit(SessionClosed(self._session, time.time_ns(), statements, reason))
+        elif was is not Phase.PREAMBLE or self._startup_params or sqlstate is not None:
+            params = self._startup_params
+            sink.submit(
+                SessionRejected(
+                    client_addr=self.client_addr,
+                    db_role=params.get("user"),
+                    database=params.get("database") or params.get("user"),
+                    at_ns=time.time_ns(),
+                    sqlstate=sqlstate or self._server_error_code() or P.SQLSTATE_CONNECTION_FAILURE,
+                    reason=reason,
+                )
+            )
+
+    def _server_error_code(self) -> str | None:
+        return self._server.auth_error if self._server is not None else None
+
+
+class ServerLink(asyncio.Protocol):
+    """The upstream's side of one proxied connection; belongs to a ClientLink."""
+
+    def __init__(self, client: ClientLink) -> None:
+        self._client = client
+        self._transport: asyncio.Transport | None = None
+        self._ready = False
+        self._auth = bytearray()
+        self.auth_error: str | None = None
+        config = client._proxy.config
+        self._scanner = MessageScanner(
+            P.BACKEND_CAPTURE, P.BACKEND_COUNT, None, 0x3FFFFFFF, config.log.capture_limit
+        )
+
+    @property
+    def at_boundary(self) -> bool:
+        """Whether an error message can be injected toward the client now."""
+        return (not self._auth) if not self._ready else self._scanner.at_boundary
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ready:
+            try:
+                captured = self._scanner.feed(data)
+            except ProtocolViolation as exc:
+                self._client.upstream_failed(
+                    f"upstream protocol violation: {exc}", at_boundary=False
+                )
+                return
+            self._client._write(data)
+            if captured is not None:
+                self._client.observe_backend(captured)
+            return
+        self._authenticating(data)
+
+    def _authenticating(self, data: bytes) -> None:
+        """Relay authentication message by message, rewriting SASL offers."""
+        client = self._client
+        if client.phase is Phase.CLOSED:
+            return
+        buf = self._auth
+        buf += data
+        out: list[bytes] = []
+        while len(buf) >= 5:
+            mtype = buf[0]
+            length = int.from_bytes(buf[1:5], "big")
+            if length < 4 or length > _AUTH_MESSAGE_LIMIT:
+                client.upstream_failed(
+                    f"upstream sent an invalid message during authentication (length {length})",
+                    at_boundary=True,
+                )
+                return
+            end = 1 + length
+            if len(buf) < end:
+                break
+            message = bytes(buf[:end])
+            del buf[:end]
+            if mtype == P.B_AUTHENTICATION and P.auth_code(message[5:]) == P.AUTH_SASL:
+                message = P.build_message(b"R", P.strip_scram_plus(message[5:]))
+            elif mtype == P.B_ERROR:
+                self.auth_error = P.parse_error_fields(message[5:]).get("C")
+            out.append(message)
+            if mtype == P.B_READY_FOR_QUERY:
+                client._write(b"".join(out))
+                rest = bytes(buf)
+                buf.clear()
+                self._ready = True
+                client.session_ready()
+                if rest:
+                    self.data_received(rest)
+                return
+        if out:
+            client._write(b"".join(out))
+
+    def pause_writing(self) -> None:
+        self._client.pause(Pause.UPSTREAM_FULL)
+
+    def resume_writing(self) -> None:
+        self._client.resume(Pause.UPSTREAM_FULL)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        client = self._client
+        if client.phase is Phase.CLOSED:
+            return
+        if self.auth_error is not None and not self._ready:
+            # The upstream refused the login and said why; the client has it.
+            client._close("authentication failed", None, sqlstate=self.auth_error)
+            return
+        detail = f": {exc}" if exc else ""
+        client.upstream_failed(
+            f"connection to upstream {client._proxy.connector.address} lost{detail}",
+            at_boundary=self.at_boundary,
+        )
+
+
+def _discard(data: bytes) -> None:
+    """Writer of a link side that is not connected (yet)."""

@@ -1,0 +1,140 @@
+"""The client-facing listener: accepts connections, applies limits, shuts down.
+
+``Proxy`` owns what all links share (configuration, TLS context, upstream
+connector, sink) and the set of live links; it creates one ``ClientLink``
+per accepted connection and is the only place that knows about all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+
+from scalple.config import Config, parse_address
+from scalple.events import resync_clock
+from scalple.proxy.link import ClientLink, Pause, Phase
+from scalple.proxy.tls import server_context
+from scalple.proxy.upstream import UpstreamConnector, UpstreamError
+from scalple.sink.base import Sink
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger(__name__)
+
+
+class Proxy:
+    """A listening Scalple proxy bound to one event loop."""
+
+    def __init__(
+        self, config: Config, sink: Sink, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.loop = loop or asyncio.get_running_loop()
+        self.connector = UpstreamConnector(config.upstream)
+        self.tls_context = (
+            server_context(config.server.tls_cert, config.server.tls_key)
+            if config.server.tls_cert and config.server.tls_key
+            else None
+        )
+        self.links: set[ClientLink] = set()
+        self.shutting_down = False
+        self.observation_errors = 0
+        self._ids = itertools.count(1)
+        self._session_ids = itertools.count(1)
+        self._boot = secrets.token_hex(3)
+        self._server: asyncio.Server | None = None
+        self._clock: asyncio.TimerHandle | None = None
+        sink.notify(self.loop, self._sink_congested, self._sink_drained)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the listener is bound (the real port when 0 was asked for)."""
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        host, port = parse_address(self.config.server.listen, key="server.listen")
+        self._server = await self.loop.create_server(
+            self._new_link, host, port, reuse_address=True, backlog=2048
+        )
+        self._tick()
+        log.info(
+            "listening on %s:%d, upstream %s (tls %s), client tls %s",
+            *self.address,
+            self.connector.address,
+            self.connector.mode,
+            "on" if self.tls_context else "off",
+        )
+
+    def _tick(self) -> None:
+        resync_clock()
+        self._clock = self.loop.call_later(1.0, self._tick)
+
+    def _new_link(self) -> ClientLink:
+        over = len(self.links) >= self.config.server.max_client_conn
+        return ClientLink(self, next(self._ids), over)
+
+    def new_session_id(self) -> str:
+        return f"{self._boot}-{next(self._session_ids)}"
+
+    def link_opened(self, link: ClientLink) -> None:
+        self.links.add(link)
+        if self.sink.congested:
+            link.pause(Pause.SINK)
+
+    def link_closed(self, link: ClientLink) -> None:
+        self.links.discard(link)
+
+    def _sink_drained(self) -> None:
+        if self.sink.congested:
+            return
+        for link in self.links:
+            link.resume(Pause.SINK)
+
+    def _sink_congested(self) -> None:
+        for link in self.links:
+            link.pause(Pause.SINK)
+
+    def observation_failed(self, link: ClientLink, direction: str) -> None:
+        self.observation_errors += 1
+        log.exception(
+            "client %s: observing %s traffic failed; traffic still relayed",
+            link.client_addr,
+            direction,
+        )
+
+    async def forward_cancel(self, packet: bytes) -> None:
+        try:
+            transport, _ = await self.connector.connect(self.loop, asyncio.Protocol)
+        except UpstreamError as exc:
+            log.warning("cancel request not delivered: %s", exc)
+            return
+        transport.write(packet)
+        transport.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, let open transactions finish, then close everything."""
+        if timeout is None:
+            timeout = self.config.server.shutdown_timeout
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links):
+            link.shutdown()
+        deadline = time.monotonic() + timeout
+        while self.links and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for link in list(self.links):
+            if link.phase is not Phase.CLOSED:
+                log.warning("client %s: still busy after %.1fs; closing", link.client_addr, timeout)
+                link.force_close("terminating connection because the proxy is shutting down")
+        await asyncio.sleep(0)
+        if self._clock is not None:
+            self._clock.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,394 @@
+"""Pairs each client request with the server's answer to it.
+
+The tracker is fed the messages the scanners captured in each direction and
+emits one :class:`~scalple.events.StatementEvent` per executed statement.  It
+does no I/O and never blocks: the relay has already forwarded the bytes when
+the tracker sees them, so nothing here can delay or alter traffic.
+
+The protocol rules it relies on:
+
+* A simple Query may hold several statements; each ends with CommandComplete
+  (or EmptyQueryResponse), an ErrorResponse aborts the rest, and
+  ReadyForQuery ends the Query.
+* In the extended protocol Parse/Bind/Execute may be pipelined with a single
+  Sync at the end.  After an ErrorResponse the server discards every message
+  up to the next Sync, so requests queued before that Sync never get an
+  answer; the Sync itself is answered by ReadyForQuery.
+* An Execute with a row limit may end in PortalSuspended; a later Execute of
+  the same portal continues the same statement.
+* Server responses always refer to requests already sent, so when a response
+  arrives its request is already queued here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from enum import IntEnum
+from typing import TYPE_CHECKING, Final
+
+from scalple import protocol as P
+from scalple._wire import (
+    ProtocolViolation,
+    parse_bind,
+    parse_close,
+    parse_execute,
+    parse_parse,
+)
+from scalple.events import SessionInfo, StatementEvent
+
+if TYPE_CHECKING:
+    from scalple._wire import Captured
+
+__all__ = ["StatementTracker"]
+
+log = logging.getLogger(__name__)
+
+
+class Kind(IntEnum):
+    """What a queued request is waiting for."""
+
+    QUERY = 1  # simple Query: CommandComplete per statement, then ReadyForQuery
+    EXECUTE = 2  # Execute: CommandComplete, PortalSuspended or EmptyQueryResponse
+    FUNCTION = 3  # FunctionCall: FunctionCallResponse, then ReadyForQuery
+    SYNC = 4  # Sync: ReadyForQuery
+
+
+_ENDS_REQUEST: Final = (Kind.QUERY, Kind.FUNCTION, Kind.SYNC)
+_ROW_COMMANDS: Final = frozenset(
+    {b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"COPY", b"FETCH", b"MOVE"}
+)
+_OPENS_TX: Final = (b"BEGIN", b"START TRANSACTION")
+_CLOSES_TX: Final = (b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION")
+
+
+class Portal:
+    """A bound portal: the statement text and parameters it runs."""
+
+    __slots__ = ("params", "query", "rows", "started_ns", "suspended", "truncated")
+
+    def __init__(
+        self,
+        query: bytes | None,
+        truncated: bool,
+        params: tuple[bytes | bytearray | None, ...] | None,
+    ) -> None:
+        self.query = query
+        self.truncated = truncated
+        self.params = params
+        self.rows = 0  # rows returned by earlier Executes that ended suspended
+        self.started_ns = 0  # start of the first Execute of this portal
+        self.suspended = False
+
+
+class Request:
+    """A request the server has not finished answering."""
+
+    __slots__ = ("failed", "index", "kind", "portal", "query", "started_ns", "truncated")
+
+    def __init__(
+        self,
+        kind: Kind,
+        started_ns: int,
+        query: bytes | None = None,
+        truncated: bool = False,
+        portal: Portal | None = None,
+    ) -> None:
+        self.kind = kind
+        self.started_ns = started_ns
+        self.query = query
+        self.truncated = truncated
+        self.portal = portal
+        self.index = 0  # statement position within a simple Query
+        self.failed = False  # an error ended the Query; later completions are not ours
+
+
+def _tag_rows(tag: bytes) -> int | None:
+    """Row count from a CommandComplete tag (``INSERT 0 5`` -> 5)."""
+    command, _, rest = tag.partition(b" ")
+    if command not in _ROW_COMMANDS or not rest:
+        return None
+    count = rest.rpartition(b" ")[2]
+    return int(count) if count.isdigit() else None
+
+
+class StatementTracker:
+    """The statement-matching state of one client session."""
+
+    __slots__ = (
+        "_emit",
+        "_in_tx",
+        "_pending",
+        "_portals",
+        "_prepared",
+        "_skip_to_sync",
+        "session",
+        "statements",
+        "terminated",
+    )
+
+    def __init__(self, session: SessionInfo, emit: Callable[[StatementEvent], None]) -> None:
+        self.session = session
+        self._emit = emit
+        self._prepared: dict[bytes, tuple[bytes, bool]] = {}
+        self._portals: dict[bytes, Portal] = {}
+        self._pending: deque[Request] = deque()
+        self._skip_to_sync = False  # server discards client messages until Sync
+        self._in_tx = False
+        self.statements = 0
+        self.terminated = False  # the client sent Terminate: a closing upstream is expected
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight and no transaction open: safe to disconnect."""
+        return not self._pending and not self._in_tx
+
+    # -- client to server ----------------------------------------------------
+
+    def on_frontend(self, messages: list[Captured], now: int) -> None:
+        for mtype, body, truncated, _counted in messages:
+            if self._skip_to_sync and mtype != P.F_SYNC:
+                continue
+            if mtype == P.F_BIND:
+                self._bind(body, truncated)
+            elif mtype == P.F_EXECUTE:
+                self._execute(body, now)
+            elif mtype == P.F_SYNC:
+                self._skip_to_sync = False
+                self._pending.append(Request(Kind.SYNC, now))
+            elif mtype == P.F_QUERY:
+                query = body[:-1] if body.endswith(b"\0") else body
+                self._pending.append(Request(Kind.QUERY, now, query, truncated))
+            elif mtype == P.F_PARSE:
+                self._parse(body, truncated)
+            elif mtype == P.F_CLOSE:
+                self._close(body)
+            elif mtype == P.F_TERMINATE:
+                self.terminated = True
+            elif mtype == P.F_FUNCTION_CALL:
+                oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else 0
+                self._pending.append(Request(Kind.FUNCTION, now, b"<function call oid=%d>" % oid))
+
+    def _parse(self, body: bytes, truncated: bool) -> None:
+        try:
+            name, query = parse_parse(body)
+        except ProtocolViolation:
+            if not truncated:
+                return  # the server rejects it too; nothing will run
+            name, _, query = body.partition(b"\0")
+        self._prepared[name] = (query, truncated)
+
+    def _bind(self, body: bytes, truncated: bool) -> None:
+        try:
+            portal, statement, params = parse_bind(body)
+            captured: tuple[bytes | bytearray | None, ...] | None = params or None
+        except ProtocolViolation:
+            # Parameters past the capture limit: keep the names, drop values.
+            parts = body.split(b"\0", 2)
+            if len(parts) < 3:
+                return
+            portal, statement, captured = parts[0], parts[1], None
+        query, query_truncated = self._prepared.get(statement, (None, False))
+        old = self._portals.get(portal)
+        if old is not None and old.suspended:
+            self._finish_suspended(old)
+        self._portals[portal] = Portal(query, query_truncated, captured)
+
+    def _execute(self, body: bytes, now: int) -> None:
+        try:
+            name, _max_rows = parse_execute(body)
+        except ProtocolViolation:
+            return
+        portal = self._portals.get(name)
+        if portal is None:
+            # Unknown portal: the server will answer with an error; keep the
+            # queue aligned with what it will answer.
+            portal = Portal(None, False, None)
+        if not portal.suspended:
+            portal.started_ns = now
+        self._pending.append(Request(Kind.EXECUTE, now, portal=portal))
+
+    def _close(self, body: bytes) -> None:
+        try:
+            kind, name = parse_close(body)
+        except ProtocolViolation:
+            return
+        if kind == b"S":
+            self._prepared.pop(name, None)
+        else:
+            portal = self._portals.pop(name, None)
+            if portal is not None and portal.suspended:
+                self._finish_suspended(portal)
+
+    # -- server to client ----------------------------------------------------
+
+    def on_backend(self, messages: list[Captured], now: int) -> None:
+        pending = self._pending
+        for mtype, body, _truncated, counted in messages:
+            if not pending:
+                # ReadyForQuery after an error outside any request, async
+                # errors (admin shutdown), or traffic before the first request.
+                if mtype == P.B_READY_FOR_QUERY:
+                    self._ready(body)
+                continue
+            head = pending[0]
+            if mtype == P.B_COMMAND_COMPLETE:
+                self._complete(head, body.rstrip(b"\0"), counted, now)
+            elif mtype == P.B_READY_FOR_QUERY:
+                self._ready_for_query(body)
+            elif mtype == P.B_ERROR:
+                self._error(head, body, counted, now)
+            elif mtype == P.B_PORTAL_SUSPENDED:
+                if head.kind == Kind.EXECUTE and head.portal is not None:
+                    pending.popleft()
+                    head.portal.rows += counted
+                    head.portal.suspended = True
+            elif mtype == P.B_EMPTY_QUERY:
+                if head.kind == Kind.EXECUTE:
+                    pending.popleft()
+                elif head.kind == Kind.QUERY:
+                    head.index += 1
+                    head.started_ns = now
+            elif mtype == P.B_FUNCTION_RESULT and head.kind == Kind.FUNCTION:
+                self._record(head, now, b"FUNCTION CALL", None, "ok", None, "function")
+                head.failed = True  # answered; ReadyForQuery ends it
+
+    def _complete(self, head: Request, tag: bytes, counted: int, now: int) -> None:
+        command = tag.partition(b" ")[0]
+        rows = _tag_rows(tag)
+        if command in (b"SELECT", b"FETCH") and rows is None:
+            rows = counted
+        if head.kind == Kind.QUERY:
+            if not head.failed:
+                self._record(head, now, tag, rows, "ok", None, "simple")
+                head.index += 1
+                head.started_ns = now
+        elif head.kind == Kind.EXECUTE:
+            self._pending.popleft()
+            portal = head.portal
+            if portal is not None and portal.suspended:
+                if command in (b"SELECT", b"FETCH"):
+                    rows = portal.rows + counted
+                head.started_ns = portal.started_ns
+                portal.suspended = False
+                portal.rows = 0
+            self._record(head, now, tag, rows, "ok", None, "extended")
+        else:
+            log.debug(
+                "session %s: CommandComplete with no statement pending", self.session.session_id
+            )
+            return
+        self._track_transaction(command, tag)
+
+    def _error(self, head: Request, body: bytes, counted: int, now: int) -> None:
+        sqlstate = P.parse_error_fields(body).get("C", "XX000")
+        if head.kind == Kind.QUERY or head.kind == Kind.FUNCTION:
+            if not head.failed:
+                head.failed = True
+                protocol = "simple" if head.kind == Kind.QUERY else "function"
+                self._record(head, now, None, None, "error", sqlstate, protocol)
+            return
+        # Extended protocol: the failed request is the first one still
+        # queued; the server now skips everything up to the next Sync.
+        pending = self._pending
+        failed: Request | None = None
+        while pending and pending[0].kind != Kind.SYNC:
+            request = pending.popleft()
+            if failed is None and request.kind == Kind.EXECUTE:
+                failed = request
+        if not pending:
+            self._skip_to_sync = True
+        if failed is None:
+            # Error answering Sync itself (e.g. a deferred constraint at the
+            # implicit commit): recorded against an empty statement.
+            failed = Request(Kind.SYNC, now, b"")
+        if failed.portal is not None and failed.portal.suspended:
+            failed.started_ns = failed.portal.started_ns
+            failed.portal.suspended = False
+        self._record(failed, now, None, None, "error", sqlstate, "extended")
+
+    def _ready_for_query(self, body: bytes) -> None:
+        pending = self._pending
+        while pending:
+            request = pending.popleft()
+            if request.kind in _ENDS_REQUEST:
+                break
+            # An Execute that never got an answer before ReadyForQuery: the
+            # server skipped it after an error. It did not run.
+        self._ready(body)
+
+    def _ready(self, body: bytes) -> None:
+        status = body[:1]
+        self._in_tx = status != b"I"
+        if status == b"I" and self._portals:
+            # Portals end with their transaction.
+            for portal in self._portals.values():
+                if portal.suspended:
+                    self._finish_suspended(portal)
+            self._portals.clear()
+
+    def _track_transaction(self, command: bytes, tag: bytes) -> None:
+        if tag.startswith(_OPENS_TX):
+            self._in_tx = True
+        elif tag.startswith(_CLOSES_TX):
+            self._in_tx = False
+
+    def _finish_suspended(self, portal: Portal) -> None:
+        """A portal closed before running to completion: record what it returned."""
+        portal.suspended = False
+        request = Request(Kind.EXECUTE, portal.started_ns, portal=portal)
+        self._record(request, portal.started_ns, None, portal.rows, "ok", None, "extended")
+
+    # -- ending --------------------------------------------------------------
+
+    def close(self, now: int, sqlstate: str) -> None:
+        """The session ended: record every statement still waiting for its answer."""
+        pending, self._pending = self._pending, deque()
+        for request in pending:
+            if request.kind == Kind.EXECUTE or (
+                request.kind in (Kind.QUERY, Kind.FUNCTION) and not request.failed
+            ):
+                protocol = {Kind.EXECUTE: "extended", Kind.QUERY: "simple"}.get(
+                    request.kind, "function"
+                )
+                self._record(request, now, None, None, "incomplete", sqlstate, protocol)  # type: ignore[arg-type]
+        for portal in self._portals.values():
+            if portal.suspended:
+                self._finish_suspended(portal)
+        self._portals.clear()
+
+    def _record(
+        self,
+        request: Request,
+        now: int,
+        tag: bytes | None,
+        rows: int | None,
+        status: str,
+        sqlstate: str | None,
+        protocol: str,
+    ) -> None:
+        self.statements += 1
+        portal = request.portal
+        if portal is not None:
+            query, truncated, params = portal.query, portal.truncated, portal.params
+        else:
+            query, truncated, params = request.query, request.truncated, None
+        self._emit(
+            StatementEvent(
+                session=self.session,
+                statement_id=self.statements,
+                protocol=protocol,  # type: ignore[arg-type]
+                query=query,
+                query_truncated=truncated,
+                query_index=request.index,
+                params=params,
+                started_ns=request.started_ns,
+                ended_ns=now,
+                tag=tag,
+                rows=rows,
+                sqlstate=sqlstate,
+                status=status,  # type: ignore[arg-type]
+                in_transaction=self._in_tx,
+            )
+        )

@@ -269,13 +269,27 @@ def read_cstring(bytes body not None, Py_ssize_t pos=0):
 
 
 def parse_parse(bytes body not None):
-    """Parse: ``(statement_name, query)``; parameter type OIDs are not needed."""
+    """Parse: ``(statement_name, query, param_type_oids)``.
+
+    The type OIDs (0 = unspecified) let the audit side render binary-format
+    parameters as values instead of hex.
+    """
     cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(body)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t end1 = _cstring_end(buf, 0, size)
     cdef Py_ssize_t end2 = _cstring_end(buf, end1 + 1, size)
+    cdef Py_ssize_t pos = end2 + 1
+    cdef int ntypes, i
+    if size - pos < 2:
+        raise ProtocolViolation("Parse message too short", -1)
+    ntypes = _be16(buf + pos)
+    pos += 2
+    if ntypes < 0 or size - pos < 4 * ntypes:
+        raise ProtocolViolation("Parse parameter types overrun the body", -1)
+    oids = tuple([_be32(buf + pos + 4 * i) for i in range(ntypes)])
     return (PyBytes_FromStringAndSize(<const char *>buf, end1),
-            PyBytes_FromStringAndSize(<const char *>buf + end1 + 1, end2 - end1 - 1))
+            PyBytes_FromStringAndSize(<const char *>buf + end1 + 1, end2 - end1 - 1),
+            oids)
 
 
 def parse_execute(bytes body not None):

@@ -73,6 +73,8 @@ class StatementEvent(msgspec.Struct, gc=False):
         multi-statement simple Query; 0 otherwise.
     params: bind parameters (bytes: text format, bytearray: binary format,
         None: NULL), or None when there were none or they were not captured.
+    param_types: the parameter type OIDs the Parse declared (0 or missing:
+        unspecified), used to render binary parameters.
     started_ns, ended_ns: monotonic clock when the request reached the proxy
         and when its completion came back (see monotonic_to_wall_ns).
     tag: the CommandComplete tag, e.g. ``b"SELECT 3"``; None on error.
@@ -90,6 +92,7 @@ class StatementEvent(msgspec.Struct, gc=False):
     query_truncated: bool
     query_index: int
     params: tuple[bytes | bytearray | None, ...] | None
+    param_types: tuple[int, ...]
     started_ns: int
     ended_ns: int
     tag: bytes | None

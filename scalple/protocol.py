@@ -51,13 +51,14 @@ F_TERMINATE: Final = ord("X")  # Terminate
 
 FRONTEND_ALLOWED: Final = b"BCdcfDEHFPpQSX"
 """Every type a client may send after the startup packet."""
-FRONTEND_CAPTURE: Final = b"QPBECSFX"
+FRONTEND_CAPTURE: Final = b"QPBECSFXD"
 """Types whose bodies the statement tracker needs."""
 
 # --- Backend message types -------------------------------------------------
 B_AUTHENTICATION: Final = ord("R")  # Authentication*
 B_BACKEND_KEY: Final = ord("K")  # BackendKeyData
 B_BIND_COMPLETE: Final = ord("2")  # BindComplete
+B_PARAMETER_DESCRIPTION: Final = ord("t")  # ParameterDescription
 B_COMMAND_COMPLETE: Final = ord("C")  # CommandComplete
 B_COPY_DATA: Final = ord("d")  # CopyData
 B_DATA_ROW: Final = ord("D")  # DataRow
@@ -70,7 +71,7 @@ B_PARSE_COMPLETE: Final = ord("1")  # ParseComplete
 B_PORTAL_SUSPENDED: Final = ord("s")  # PortalSuspended
 B_READY_FOR_QUERY: Final = ord("Z")  # ReadyForQuery
 
-BACKEND_CAPTURE: Final = b"CEZsIV"
+BACKEND_CAPTURE: Final = b"CEZsIVt"
 """Types that end a statement or a request: the tracker matches on these."""
 BACKEND_COUNT: Final = b"Dd"
 """Types counted per statement (result rows, COPY OUT rows)."""

@@ -7,6 +7,8 @@ Field order is part of the format: new fields are appended, never inserted.
 
 from __future__ import annotations
 
+import struct
+import uuid
 from datetime import UTC, datetime
 
 import msgspec
@@ -35,13 +37,37 @@ def rfc3339(wall_ns: int) -> str:
     return f"{stamp}.{ns // 1000:06d}Z"
 
 
-def format_param(value: bytes | bytearray | None) -> str | None:
-    """Text parameters as text; binary ones as PostgreSQL's ``\\x`` hex."""
+_BINARY_INT = {21: 2, 23: 4, 20: 8, 26: 4}  # int2, int4, int8, oid: width
+_BINARY_FLOAT = {700: ">f", 701: ">d"}  # float4, float8
+_BINARY_TEXT = frozenset(
+    {25, 1043, 1042, 19, 114, 705}
+)  # text, varchar, bpchar, name, json, unknown
+
+
+def format_param(value: bytes | bytearray | None, oid: int = 0) -> str | None:
+    """A parameter as the text PostgreSQL would print for it.
+
+    Text-format values are already text.  Binary ones (``bytearray``) are
+    decoded for the common scalar types the declared OID names; anything else
+    is shown as PostgreSQL's ``\\x`` hex, never guessed.
+    """
     if value is None:
         return None
-    if isinstance(value, bytearray):
-        return "\\x" + value.hex()
-    return value.decode("utf-8", "replace")
+    if not isinstance(value, bytearray):
+        return value.decode("utf-8", "replace")
+    width = _BINARY_INT.get(oid)
+    if width is not None and len(value) == width:
+        return str(int.from_bytes(value, "big", signed=oid != 26))
+    fmt = _BINARY_FLOAT.get(oid)
+    if fmt is not None and len(value) == struct.calcsize(fmt):
+        return repr(struct.unpack(fmt, value)[0])
+    if oid == 16 and len(value) == 1:
+        return "true" if value[0] else "false"
+    if oid in _BINARY_TEXT:
+        return value.decode("utf-8", "replace")
+    if oid == 2950 and len(value) == 16:
+        return str(uuid.UUID(bytes=bytes(value)))
+    return "\\x" + value.hex()
 
 
 class StatementRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -113,6 +139,16 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     sqlstate: str | None = None
 
 
+def _params(event: StatementEvent) -> list[str | None] | None:
+    if not event.params:
+        return None
+    types = event.param_types
+    return [
+        format_param(value, types[i] if i < len(types) else 0)
+        for i, value in enumerate(event.params)
+    ]
+
+
 def _session_open(info: SessionInfo) -> SessionRecord:
     return SessionRecord(
         kind="session_open",
@@ -151,7 +187,7 @@ def to_record(
             query=event.query.decode("utf-8", "replace") if event.query is not None else None,
             query_index=event.query_index,
             query_truncated=event.query_truncated,
-            params=[format_param(p) for p in event.params] if event.params else None,
+            params=_params(event),
             command=tag.split(" ", 1)[0] if tag else None,
             tag=tag,
             rows=event.rows,

@@ -66,17 +66,19 @@ _CLOSES_TX: Final = (b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION")
 class Portal:
     """A bound portal: the statement text and parameters it runs."""
 
-    __slots__ = ("params", "query", "rows", "started_ns", "suspended", "truncated")
+    __slots__ = ("param_types", "params", "query", "rows", "started_ns", "suspended", "truncated")
 
     def __init__(
         self,
         query: bytes | None,
         truncated: bool,
         params: tuple[bytes | bytearray | None, ...] | None,
+        param_types: tuple[int, ...] = (),
     ) -> None:
         self.query = query
         self.truncated = truncated
         self.params = params
+        self.param_types = param_types
         self.rows = 0  # rows returned by earlier Executes that ended suspended
         self.started_ns = 0  # start of the first Execute of this portal
         self.suspended = False
@@ -117,12 +119,15 @@ class StatementTracker:
     """The statement-matching state of one client session."""
 
     __slots__ = (
+        "_describes",
         "_emit",
         "_in_tx",
         "_pending",
         "_portals",
         "_prepared",
         "_skip_to_sync",
+        "_syncs_answered",
+        "_syncs_sent",
         "session",
         "statements",
         "terminated",
@@ -131,10 +136,15 @@ class StatementTracker:
     def __init__(self, session: SessionInfo, emit: Callable[[StatementEvent], None]) -> None:
         self.session = session
         self._emit = emit
-        self._prepared: dict[bytes, tuple[bytes, bool]] = {}
+        self._prepared: dict[bytes, tuple[bytes, bool, tuple[int, ...]]] = {}
         self._portals: dict[bytes, Portal] = {}
         self._pending: deque[Request] = deque()
         self._skip_to_sync = False  # server discards client messages until Sync
+        # Describe(statement) requests awaiting ParameterDescription, with the
+        # number of Syncs sent before each: an error skips its whole batch.
+        self._describes: deque[tuple[bytes, int]] = deque()
+        self._syncs_sent = 0
+        self._syncs_answered = 0
         self._in_tx = False
         self.statements = 0
         self.terminated = False  # the client sent Terminate: a closing upstream is expected
@@ -156,7 +166,11 @@ class StatementTracker:
                 self._execute(body, now)
             elif mtype == P.F_SYNC:
                 self._skip_to_sync = False
+                self._syncs_sent += 1
                 self._pending.append(Request(Kind.SYNC, now))
+            elif mtype == P.F_DESCRIBE:
+                if body[:1] == b"S":
+                    self._describes.append((body[1:].partition(b"\0")[0], self._syncs_sent))
             elif mtype == P.F_QUERY:
                 query = body[:-1] if body.endswith(b"\0") else body
                 self._pending.append(Request(Kind.QUERY, now, query, truncated))
@@ -172,12 +186,19 @@ class StatementTracker:
 
     def _parse(self, body: bytes, truncated: bool) -> None:
         try:
-            name, query = parse_parse(body)
+            name, query, types = parse_parse(body)
         except ProtocolViolation:
             if not truncated:
                 return  # the server rejects it too; nothing will run
-            name, _, query = body.partition(b"\0")
-        self._prepared[name] = (query, truncated)
+            name, _, rest = body.partition(b"\0")
+            query, types = rest.partition(b"\0")[0], ()
+        if not types:
+            # asyncpg describes a statement, then parses the same text again
+            # without types before binding: keep what the server told us.
+            old = self._prepared.get(name)
+            if old is not None and old[0] == query:
+                types = old[2]
+        self._prepared[name] = (query, truncated, types)
 
     def _bind(self, body: bytes, truncated: bool) -> None:
         try:
@@ -189,11 +210,11 @@ class StatementTracker:
             if len(parts) < 3:
                 return
             portal, statement, captured = parts[0], parts[1], None
-        query, query_truncated = self._prepared.get(statement, (None, False))
+        query, query_truncated, types = self._prepared.get(statement, (None, False, ()))
         old = self._portals.get(portal)
         if old is not None and old.suspended:
             self._finish_suspended(old)
-        self._portals[portal] = Portal(query, query_truncated, captured)
+        self._portals[portal] = Portal(query, query_truncated, captured, types)
 
     def _execute(self, body: bytes, now: int) -> None:
         try:
@@ -226,6 +247,9 @@ class StatementTracker:
     def on_backend(self, messages: list[Captured], now: int) -> None:
         pending = self._pending
         for mtype, body, _truncated, counted in messages:
+            if mtype == P.B_PARAMETER_DESCRIPTION:
+                self._parameter_types(body)
+                continue
             if not pending:
                 # ReadyForQuery after an error outside any request, async
                 # errors (admin shutdown), or traffic before the first request.
@@ -253,6 +277,24 @@ class StatementTracker:
             elif mtype == P.B_FUNCTION_RESULT and head.kind == Kind.FUNCTION:
                 self._record(head, now, b"FUNCTION CALL", None, "ok", None, "function")
                 head.failed = True  # answered; ReadyForQuery ends it
+
+    def _parameter_types(self, body: bytes) -> None:
+        """Types the server inferred for a statement prepared without them
+        (asyncpg's way): needed to render its binary parameters."""
+        describes = self._describes
+        while describes and describes[0][1] < self._syncs_answered:
+            describes.popleft()  # skipped after an error
+        if not describes:
+            return
+        name, _ = describes.popleft()
+        entry = self._prepared.get(name)
+        if entry is None or len(body) < 2:
+            return
+        count = int.from_bytes(body[:2], "big")
+        types = tuple(int.from_bytes(body[2 + 4 * i : 6 + 4 * i], "big") for i in range(count))
+        if any(entry[2]) or len(types) != count:
+            return  # the client declared types itself; those are what it sends
+        self._prepared[name] = (entry[0], entry[1], types)
 
     def _complete(self, head: Request, tag: bytes, counted: int, now: int) -> None:
         command = tag.partition(b" ")[0]
@@ -313,6 +355,8 @@ class StatementTracker:
         while pending:
             request = pending.popleft()
             if request.kind in _ENDS_REQUEST:
+                if request.kind == Kind.SYNC:
+                    self._syncs_answered += 1
                 break
             # An Execute that never got an answer before ReadyForQuery: the
             # server skipped it after an error. It did not run.
@@ -372,8 +416,9 @@ class StatementTracker:
         portal = request.portal
         if portal is not None:
             query, truncated, params = portal.query, portal.truncated, portal.params
+            types = portal.param_types
         else:
-            query, truncated, params = request.query, request.truncated, None
+            query, truncated, params, types = request.query, request.truncated, None, ()
         self._emit(
             StatementEvent(
                 session=self.session,
@@ -383,6 +428,7 @@ class StatementTracker:
                 query_truncated=truncated,
                 query_index=request.index,
                 params=params,
+                param_types=types,
                 started_ns=request.started_ns,
                 ended_ns=now,
                 tag=tag,

@@ -1,0 +1,7 @@
+"""``python -m scalple``: the same as the ``scalple`` command."""
+
+import sys
+
+from scalple.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""A Scalple proxy process for tests, benchmarks and the demo.
+
+Runs the real ``scalple serve`` in a subprocess (its own event loop, signals
+and exit code, as in production) with a generated configuration file, and
+reads back what it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+
+from scalple.devcluster import free_port
+
+__all__ = ["ScalpleServer"]
+
+_AUDIT_FILE = "audit.jsonl"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_toml(tables: Mapping[str, Mapping[str, object]]) -> str:
+    """A TOML document of flat tables (all the configuration needs)."""
+    lines: list[str] = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class ScalpleServer:
+    """``scalple serve`` in front of ``upstream`` (``host:port``)."""
+
+    def __init__(
+        self,
+        upstream: str,
+        base_dir: Path | None = None,
+        *,
+        config: Mapping[str, Mapping[str, object]] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self._own_dir = base_dir is None
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="scalple-proxy-"))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.log_dir = self.base_dir / "log"
+        self.stderr_path = self.base_dir / "scalple.stderr"
+        tables: dict[str, dict[str, object]] = {
+            "server": {"listen": f"{self.host}:{self.port}"},
+            "upstream": {"address": upstream},
+            "log": {"dir": str(self.log_dir)},
+        }
+        for table, values in (config or {}).items():
+            tables.setdefault(table, {}).update(values)
+        self.config_path = self.base_dir / "scalple.toml"
+        self.config_path.write_text(render_toml(tables), encoding="utf-8")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def audit_path(self) -> Path:
+        return self.log_dir / _AUDIT_FILE
+
+    def start(self, timeout: float = 15.0) -> None:
+        stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "scalple", "serve", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )
+        stderr.close()
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if b"listening on" not in line:
+            self.process.wait(timeout)
+            raise RuntimeError(
+                f"scalple did not start (exit {self.process.returncode}):\n{self.stderr()}"
+            )
+
+    def dsn(self, **params: str) -> str:
+        """libpq key=value connection string to the proxy."""
+        base = {"host": self.host, "port": str(self.port)}
+        base.update(params)
+        return " ".join(f"{k}='{v}'" for k, v in base.items())
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_contains(self, text: str) -> bool:
+        return text in self.stderr()
+
+    def records(self, kind: str | None = "statement") -> list[dict[str, Any]]:
+        """Every record written so far (of ``kind``, or all when None)."""
+        try:
+            data = self.audit_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in data.splitlines():
+            if not line:
+                continue
+            record = msgspec.json.decode(line)
+            if kind is None or record.get("kind") == kind:
+                out.append(record)
+        return out
+
+    def wait_for_records(
+        self,
+        predicate: Callable[[list[dict[str, Any]]], bool],
+        *,
+        kind: str | None = "statement",
+        timeout: float = 10.0,
+    ) -> list[dict[str, Any]]:
+        """Poll the audit log until ``predicate(records)`` holds; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.records(kind)
+            if predicate(records):
+                return records
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"audit log never satisfied the condition; have {len(records)} records"
+                )
+            time.sleep(0.02)
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not exit. Returns the exit code."""
+        if self.process is None:
+            return self.returncode
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.returncode = self.process.returncode
+        self.process = None
+        return self.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            import shutil
+
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.base_dir)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()

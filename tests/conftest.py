@@ -1,0 +1,100 @@
+"""Shared fixtures: one private PostgreSQL 15 and one PgBouncer (transaction
+mode) per test session, and Scalple proxies in front of either.
+
+Everything is real: the servers are Debian's binaries in temporary
+directories on free ports; the proxy is ``scalple serve`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import pytest
+
+from scalple.devcluster import PgBouncer, PostgresCluster
+from scalple.devproxy import ScalpleServer
+
+ProxyFactory = Callable[..., ScalpleServer]
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster(max_connections=700)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def bouncer(pg: PostgresCluster) -> Iterator[PgBouncer]:
+    pool = PgBouncer(pg, pool_mode="transaction", default_pool_size=20, max_client_conn=2000)
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.cleanup()
+
+
+def _factory() -> tuple[ProxyFactory, list[ScalpleServer]]:
+    started: list[ScalpleServer] = []
+
+    def make(
+        upstream: str, config: Mapping[str, Mapping[str, object]] | None = None
+    ) -> ScalpleServer:
+        server = ScalpleServer(upstream, config=config)
+        server.start()
+        started.append(server)
+        return server
+
+    return make, started
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[ProxyFactory]:
+    """Start proxies with a given upstream and configuration; all stopped after."""
+    make, started = _factory()
+    yield make
+    for server in started:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def proxy_bouncer(bouncer: PgBouncer) -> Iterator[ScalpleServer]:
+    server = ScalpleServer(f"{bouncer.host}:{bouncer.port}")
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def proxy_direct(pg: PostgresCluster) -> Iterator[ScalpleServer]:
+    server = ScalpleServer(f"{pg.host}:{pg.port}")
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@dataclass
+class Route:
+    """A way to reach PostgreSQL through Scalple: ``bouncer`` or ``direct``."""
+
+    name: str
+    proxy: ScalpleServer
+    pg: PostgresCluster
+
+    def dsn(self, user: str = "app_user", **params: str) -> str:
+        password = self.pg.role(user).password
+        if password is not None:
+            params.setdefault("password", password)
+        params.setdefault("dbname", "app")
+        return self.proxy.dsn(user=user, **params)
+
+
+@pytest.fixture(params=["bouncer", "direct"])
+def route(request: pytest.FixtureRequest, pg: PostgresCluster) -> Route:
+    """Each test using this runs through Scalple -> PgBouncer and Scalple -> PostgreSQL."""
+    proxy = request.getfixturevalue(f"proxy_{request.param}")
+    return Route(request.param, proxy, pg)

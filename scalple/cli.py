@@ -59,7 +59,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     config = _serve_config(args)
-    return uvloop.run(_serve(config))
+    code: int = uvloop.run(_serve(config))
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -99,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args))
+        code: int = args.func(args)
+        return code
     except ConfigError as exc:
         print(f"scalple: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -20,10 +20,12 @@ __all__ = [
     "SessionRejected",
     "StatementEvent",
     "StatementStatus",
+    "WireProtocol",
     "monotonic_to_wall_ns",
 ]
 
 IdentitySource = Literal["startup", "set", "comment", "token", "none"]
+WireProtocol = Literal["simple", "extended", "function"]
 StatementStatus = Literal["ok", "error", "incomplete"]
 
 
@@ -87,7 +89,7 @@ class StatementEvent(msgspec.Struct, gc=False):
 
     session: SessionInfo
     statement_id: int
-    protocol: Literal["simple", "extended", "function"]
+    protocol: WireProtocol
     query: bytes | None
     query_truncated: bool
     query_index: int

@@ -109,6 +109,10 @@ class ClientLink(asyncio.Protocol):
             )
         self.phase = phase
 
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
     # -- asyncio callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -351,7 +355,7 @@ class ClientLink(asyncio.Protocol):
         held, self._held = self._held or [], None
         for chunk in held:
             self._relay_frontend(chunk)
-            if self.phase is Phase.CLOSED:
+            if self.closed:
                 return
         self.resume(Pause.HELD)
         self._fast = self._tls is None

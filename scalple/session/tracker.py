@@ -36,7 +36,7 @@ from scalple._wire import (
     parse_execute,
     parse_parse,
 )
-from scalple.events import SessionInfo, StatementEvent
+from scalple.events import SessionInfo, StatementEvent, StatementStatus, WireProtocol
 
 if TYPE_CHECKING:
     from scalple._wire import Captured
@@ -56,6 +56,12 @@ class Kind(IntEnum):
 
 
 _ENDS_REQUEST: Final = (Kind.QUERY, Kind.FUNCTION, Kind.SYNC)
+_PROTOCOL_OF: Final[dict[Kind, WireProtocol]] = {
+    Kind.QUERY: "simple",
+    Kind.EXECUTE: "extended",
+    Kind.FUNCTION: "function",
+    Kind.SYNC: "extended",
+}
 _ROW_COMMANDS: Final = frozenset(
     {b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"COPY", b"FETCH", b"MOVE"}
 )
@@ -328,8 +334,7 @@ class StatementTracker:
         if head.kind == Kind.QUERY or head.kind == Kind.FUNCTION:
             if not head.failed:
                 head.failed = True
-                protocol = "simple" if head.kind == Kind.QUERY else "function"
-                self._record(head, now, None, None, "error", sqlstate, protocol)
+                self._record(head, now, None, None, "error", sqlstate, _PROTOCOL_OF[head.kind])
             return
         # Extended protocol: the failed request is the first one still
         # queued; the server now skips everything up to the next Sync.
@@ -393,10 +398,8 @@ class StatementTracker:
             if request.kind == Kind.EXECUTE or (
                 request.kind in (Kind.QUERY, Kind.FUNCTION) and not request.failed
             ):
-                protocol = {Kind.EXECUTE: "extended", Kind.QUERY: "simple"}.get(
-                    request.kind, "function"
-                )
-                self._record(request, now, None, None, "incomplete", sqlstate, protocol)  # type: ignore[arg-type]
+                protocol = _PROTOCOL_OF[request.kind]
+                self._record(request, now, None, None, "incomplete", sqlstate, protocol)
         for portal in self._portals.values():
             if portal.suspended:
                 self._finish_suspended(portal)
@@ -408,9 +411,9 @@ class StatementTracker:
         now: int,
         tag: bytes | None,
         rows: int | None,
-        status: str,
+        status: StatementStatus,
         sqlstate: str | None,
-        protocol: str,
+        protocol: WireProtocol,
     ) -> None:
         self.statements += 1
         portal = request.portal
@@ -423,7 +426,7 @@ class StatementTracker:
             StatementEvent(
                 session=self.session,
                 statement_id=self.statements,
-                protocol=protocol,  # type: ignore[arg-type]
+                protocol=protocol,
                 query=query,
                 query_truncated=truncated,
                 query_index=request.index,
@@ -434,7 +437,7 @@ class StatementTracker:
                 tag=tag,
                 rows=rows,
                 sqlstate=sqlstate,
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 in_transaction=self._in_tx,
             )
         )

@@ -1,0 +1,1161 @@
+#!/usr/bin/env python3
+"""pgbench through Scalple, PgBouncer and straight to PostgreSQL, in one invocation.
+
+Why one script does everything: the numbers only mean something *relative to each
+other*, measured on the same machine, in the same minutes.  So this script starts its
+own private PostgreSQL, PgBouncer pools and Scalple proxies, runs the same pgbench
+workloads against every target, interleaving them (round after round, every target in
+turn) so that noise from a shared, busy machine spreads evenly instead of penalising
+whichever target happened to run during a bad minute, and reports each Scalple row as
+a ratio against its PgBouncer reference measured in the same rounds.
+
+Scalple runs with its audit log on (the only mode it has): after every run through a
+proxy the script counts the statement records the proxy wrote, so nobody can publish a
+number for a proxy that was not auditing.
+
+Usage::
+
+    python benchmarks/pgbench_compare.py [--duration S] [--rounds N] [--scale 10] [--json]
+
+Progress goes to stderr; the report (a table, or JSON with ``--json``) to stdout.  The
+exit status is 0 whether the performance targets are met or not: this is a measurement,
+not a test.  It is 1 when the benchmark itself could not run and 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import scalple
+from scalple.devcluster import PgBouncer, PostgresCluster
+from scalple.devproxy import ScalpleServer
+
+USER = "app_user"
+PASSWORD = "app_pass"
+DATABASE = "app"
+POOL_SIZE = 20  # >= the 16 pgbench clients, so no client ever waits for a server connection
+# Runs whose median latency/TPS we report; everything else (warm-up, probes) is labelled.
+TPS_RE = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+PROCESSED_RE = re.compile(r"number of transactions actually processed: (\d+)")
+FAILED_RE = re.compile(r"number of failed transactions: (\d+)")
+STATEMENT_MARK = b'{"kind":"statement"'
+"""Every statement record starts with this: ``kind`` is the first field and JSON escapes
+quotes inside strings, so counting it counts statement records (see scalple.records)."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One pgbench invocation shape (always ``-S``: select-only, the relay's worst case).
+
+    Select-only transactions are tiny, so per-message overhead of a proxy dominates;
+    that is the honest stress test for a relay that must observe every statement.
+    """
+
+    key: str
+    label: str
+    clients: int
+    threads: int
+    mode: str  # pgbench -M: simple | prepared
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where pgbench connects, and what its row is compared against."""
+
+    key: str
+    label: str
+    host: str
+    port: int
+    short: str  # for the table's "vs" column
+    reference: str | None  # target key for the ratio column; None = no ratio
+    proxy: ScalpleServer | None = None  # set for Scalple targets: audit records are checked
+    may_fail: frozenset[str] = frozenset()  # workload keys expected to fail: not retried
+    proxy_pid: Callable[[], int] | None = None  # the process in front of the server, if any
+
+
+@dataclass
+class Run:
+    """The outcome of one pgbench run (or of its failure)."""
+
+    round: int
+    workload: str
+    target: str
+    ok: bool
+    seconds: float
+    tps: float | None = None
+    transactions: int | None = None
+    failed_transactions: int | None = None
+    logged_transactions: int = 0
+    mean_ms: float | None = None
+    p99_ms: float | None = None
+    audit_records: int | None = None
+    proxy_cpu_us_per_tx: float | None = None  # CPU (user+sys) of the proxy process per tx
+    load_before: float | None = None  # 1-minute load average when the run started
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """One line of the table: a (workload, target) pair summarised over the rounds."""
+
+    workload: str
+    target: str
+    runs_ok: int
+    runs: int
+    tps_median: float | None
+    tps_spread_pct: float | None  # (max - min) / median over rounds
+    mean_ms: float | None  # median over rounds of the per-run mean
+    p99_ms: float | None  # median over rounds of the per-run p99
+    proxy_cpu_us: float | None  # median over rounds of the proxy's CPU microseconds per tx
+    ratio: float | None  # median over rounds of tps / reference tps in the same round
+    reference: str | None
+    error: str | None
+    warnings: list[str]
+
+
+@dataclass
+class Check:
+    """One of the issue's performance targets and whether this measurement met it."""
+
+    name: str
+    workload: str
+    target: str
+    reference: str
+    threshold: float
+    ratio: float | None
+    status: str  # PASS | MISS | N/A
+    note: str = ""
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.key: w
+    for w in (
+        Workload("c16_simple", "-S c16 simple", 16, 2, "simple"),
+        Workload("c16_prepared", "-S c16 prepared", 16, 2, "prepared"),
+        Workload("c1_simple", "-S c1 simple", 1, 1, "simple"),
+        Workload("c1_prepared", "-S c1 prepared", 1, 1, "prepared"),
+    )
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGHUP arrived: unwind like Ctrl-C so every process is cleaned up."""
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def progress(message: str) -> None:
+    """Progress for the human watching; stdout stays clean for the report/JSON."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    minutes, sec = divmod(seconds, 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def pg_bindir() -> Path:
+    """Client binaries (pgbench) live with the server's on Debian, not on PATH."""
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if out and (Path(out) / "pgbench").is_file():
+            return Path(out)
+    fallback = Path("/usr/lib/postgresql/15/bin")
+    if (fallback / "pgbench").is_file():
+        return fallback
+    raise SystemExit("pgbench not found: install postgresql-15 (pg_config --bindir)")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user+system CPU of ``pid`` (all its threads) from /proc, in seconds.
+
+    CPU per transaction is the number that survives a noisy shared machine best: other
+    load changes how long a transaction waits, much less how much CPU it needs.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def client_env() -> dict[str, str]:
+    """libpq environment: none of the caller's PG* settings, no TLS anywhere (fair)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=PASSWORD, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10", LC_ALL="C")
+    return env
+
+
+def first_line(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+
+
+def machine_info(bindir: Path) -> dict[str, Any]:
+    """What a reader needs to judge the absolute numbers (which mean little on their own)."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    git = first_line(
+        ["git", "-C", str(Path(scalple.__file__).parent), "rev-parse", "--short", "HEAD"]
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(Path(scalple.__file__).parent), "status", "--porcelain", "--", "."],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "postgresql": first_line([str(bindir / "postgres"), "--version"]),
+        "pgbench": first_line([str(bindir / "pgbench"), "--version"]),
+        "pgbouncer": first_line([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "--version"]),
+        "python": platform.python_version(),
+        "uvloop": importlib.metadata.version("uvloop"),
+        "scalple": f"{scalple.__version__} (git {git}{', uncommitted changes' if dirty else ''})",
+    }
+
+
+# --------------------------------------------------------------------------- pgbench
+
+
+def parse_latency_logs(files: Sequence[Path]) -> tuple[int, float | None, float | None]:
+    """(transactions, mean ms, p99 ms) from pgbench ``--log`` files.
+
+    Column 3 is the transaction's latency in microseconds, or ``failed``/``skipped``;
+    only numeric latencies count.  p99 is nearest-rank.
+    """
+    latencies: list[int] = []
+    for path in files:
+        with path.open("rb") as fh:
+            for line in fh:
+                parts = line.split(b" ", 3)
+                if len(parts) >= 3 and parts[2].isdigit():
+                    latencies.append(int(parts[2]))
+    if not latencies:
+        return 0, None, None
+    latencies.sort()
+    rank = max(1, math.ceil(0.99 * len(latencies)))
+    mean_us = sum(latencies) / len(latencies)
+    return len(latencies), mean_us / 1000.0, latencies[rank - 1] / 1000.0
+
+
+def summarize_stderr(stderr: str) -> tuple[str | None, list[str]]:
+    """Condense pgbench's stderr: 16 identical "client N aborted" lines become one.
+
+    Returns (abort summary or None, other error lines as warnings).
+    """
+    aborted: dict[str, int] = {}
+    warnings: dict[str, int] = {}
+    for raw in stderr.splitlines():
+        line = raw.strip()
+        if not line or "error" not in line.lower():
+            continue
+        match = re.search(
+            r"client \d+ (?:script \d+ )?aborted in command \d+ query \d+: (.*)", line
+        )
+        if match:
+            reason = " ".join(match.group(1).split())
+            aborted[reason] = aborted.get(reason, 0) + 1
+        elif "Run was aborted" not in line:
+            # Two pgbench threads may interleave their lines: keep the server's message.
+            found = re.search(r"((?:ERROR|FATAL|WARNING):.*)", line)
+            text = " ".join((found.group(1) if found else line).split())
+            warnings[text] = warnings.get(text, 0) + 1
+    summary = None
+    if aborted:
+        summary = "; ".join(f"{n} client(s) aborted: {reason}" for reason, n in aborted.items())
+    notes = [f"{text} (x{n})" if n > 1 else text for text, n in warnings.items()]
+    return summary, notes
+
+
+def run_pgbench(
+    pgbench: Path,
+    workload: Workload,
+    target: Target,
+    *,
+    duration: int,
+    log_dir: Path,
+    round_no: int,
+) -> Run:
+    """One measured pgbench run; never raises for pgbench's own failures (they become rows).
+
+    ``-n``: no vacuum before the run (it would add statements that are not the workload
+    and take locks); the tables were vacuumed by ``pgbench -i``.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prefix = log_dir / "tx"
+    cmd = [
+        str(pgbench),
+        "-n",
+        "-S",
+        "-M",
+        workload.mode,
+        "-c",
+        str(workload.clients),
+        "-j",
+        str(workload.threads),
+        "-T",
+        str(duration),
+        "--log",
+        f"--log-prefix={prefix}",
+        "-h",
+        target.host,
+        "-p",
+        str(target.port),
+        "-U",
+        USER,
+        DATABASE,
+    ]
+    run = Run(round=round_no, workload=workload.key, target=target.key, ok=False, seconds=0.0)
+    run.load_before = load_average()
+    proxy_pid = target.proxy_pid() if target.proxy_pid is not None else None
+    cpu_before = process_cpu_seconds(proxy_pid) if proxy_pid is not None else 0.0
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=log_dir,
+            env=client_env(),
+            capture_output=True,
+            text=True,
+            timeout=duration + 120,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        run.seconds = time.monotonic() - started
+        run.error = f"pgbench did not finish within {duration + 120}s (killed)"
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        if stderr:
+            run.error += ": " + stderr.strip()[-500:]
+        return run
+    run.seconds = time.monotonic() - started
+    cpu_used = None
+    if proxy_pid is not None:
+        with contextlib.suppress(OSError):
+            cpu_used = process_cpu_seconds(proxy_pid) - cpu_before
+    abort_summary, run.warnings = summarize_stderr(proc.stderr)
+    if m := TPS_RE.search(proc.stdout):
+        run.tps = float(m.group(1))
+    if m := PROCESSED_RE.search(proc.stdout):
+        run.transactions = int(m.group(1))
+    if m := FAILED_RE.search(proc.stdout):
+        run.failed_transactions = int(m.group(1))
+    logs = sorted(log_dir.glob("tx.*"))
+    run.logged_transactions, run.mean_ms, run.p99_ms = parse_latency_logs(logs)
+    if cpu_used is not None and run.transactions:
+        run.proxy_cpu_us_per_tx = 1e6 * cpu_used / run.transactions
+    for path in logs:  # a 10 s run at 60k tps logs ~20 MB: do not keep them around
+        path.unlink()
+    if proc.returncode != 0 or run.tps is None or abort_summary:
+        detail = abort_summary or (proc.stderr.strip()[-800:] or proc.stdout.strip()[-800:])
+        run.error = f"pgbench exit {proc.returncode}: {detail}"
+        return run
+    run.ok = True
+    return run
+
+
+# --------------------------------------------------------------------------- audit check
+
+
+class AuditCounter:
+    """Counts the statement records a proxy appended since the previous call.
+
+    Reads only what is new (the log grows by gigabytes over a benchmark), in chunks,
+    and counts complete lines only, so a record being written is counted next time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.total = 0
+        self.total_transactions = 0
+        self.run_seconds = 0.0
+
+    def _count_new(self) -> int:
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:
+            return 0
+        count = 0
+        with fh:
+            fh.seek(self.offset)
+            while chunk := fh.read(8 << 20):
+                end = chunk.rfind(b"\n") + 1
+                if end == 0:  # a partial record bigger than the chunk, or mid-write
+                    break
+                count += chunk.count(STATEMENT_MARK, 0, end)
+                self.offset += end
+                if end < len(chunk):
+                    fh.seek(self.offset)
+        return count
+
+    def collect(self, expected: int, timeout: float = 10.0) -> int:
+        """New records, waiting (bounded) for the proxy's writer thread to catch up.
+
+        The writer flushes every few milliseconds; stop waiting once ``expected`` records
+        arrived or nothing new appeared for 0.5 s.
+        """
+        got = self._count_new()
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while got < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            new = self._count_new()
+            got += new
+            if new:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.5:
+                break
+        self.total += got
+        return got
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@dataclass
+class Environment:
+    """All processes the benchmark owns; cleaned up by the ExitStack in ``main``."""
+
+    cluster: PostgresCluster
+    bouncer: PgBouncer
+    session_bouncer: PgBouncer
+    targets: dict[str, Target]
+    counters: dict[str, AuditCounter]
+
+
+def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> Environment:
+    """PostgreSQL, pgbench -i, two PgBouncer pools, three Scalple proxies.
+
+    Every process is registered for cleanup *before* it is started, so a failure
+    half-way leaves nothing behind.  TLS is off everywhere so that no target pays for
+    encryption the others skip; fsync is off because the workload is read-only anyway.
+    """
+    bindir = pg_bindir()
+    progress("starting PostgreSQL (fsync=off, TLS off, shared_buffers=256MB)...")
+    cluster = PostgresCluster(
+        tls=False, pgaudit=False, fsync=False, extra_conf={"shared_buffers": "256MB"}
+    )
+    stack.callback(cluster.cleanup)
+    cluster.start()
+    progress(f"    PostgreSQL on port {cluster.port}, {cluster.base_dir}")
+
+    progress(f"pgbench -i -s {args.scale} ...")
+    init = subprocess.run(
+        [
+            *(str(bindir / "pgbench"), "-i", "-s", str(args.scale), "-q"),
+            *("-h", cluster.host, "-p", str(cluster.port), "-U", USER, DATABASE),
+        ],
+        env=client_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+    if init.returncode != 0:
+        raise RuntimeError(f"pgbench -i failed (exit {init.returncode}):\n{init.stderr.strip()}")
+
+    progress(f"starting PgBouncer (transaction and session pools, pool size {POOL_SIZE})...")
+    bouncer = PgBouncer(cluster, pool_mode="transaction", default_pool_size=POOL_SIZE)
+    stack.callback(bouncer.cleanup)
+    bouncer.start()
+    # pgbench -M prepared cannot work through a transaction pool of PgBouncer 1.18 (its
+    # named statements live on one server connection; the next transaction may get
+    # another).  A session pool keeps each client on one server connection, so prepared
+    # runs get an honest, separately labelled PgBouncer reference there.
+    session_bouncer = PgBouncer(cluster, pool_mode="session", default_pool_size=POOL_SIZE)
+    stack.callback(session_bouncer.cleanup)
+    session_bouncer.start()
+    progress(
+        f"    PgBouncer transaction pool on port {bouncer.port} (pid {bouncer.pid()}), "
+        f"session pool on port {session_bouncer.port} (pid {session_bouncer.pid()})"
+    )
+
+    progress("starting Scalple proxies (audit log on)...")
+    proxies: dict[str, ScalpleServer] = {}
+    for key, upstream in (
+        ("scalple_pgb", bouncer),
+        ("scalple_pgb_session", session_bouncer),
+        ("scalple_pg", cluster),
+    ):
+        proxy = ScalpleServer(f"{upstream.host}:{upstream.port}")
+        stack.callback(proxy.cleanup)
+        proxy.start()
+        proxies[key] = proxy
+        assert proxy.process is not None
+        progress(
+            f"    Scalple on port {proxy.port} (pid {proxy.process.pid}) -> {upstream.port}, "
+            f"audit log {proxy.audit_path}"
+        )
+
+    prepared_16 = frozenset({"c16_prepared"})
+    targets = [
+        Target("pg", "PostgreSQL", cluster.host, cluster.port, "PG", None),
+        Target(
+            "pgb",
+            "PgBouncer",
+            bouncer.host,
+            bouncer.port,
+            "PgB",
+            "pg",
+            may_fail=prepared_16,
+            proxy_pid=bouncer.pid,
+        ),
+        Target(
+            "scalple_pgb",
+            "Scalple->PgBouncer",
+            proxies["scalple_pgb"].host,
+            proxies["scalple_pgb"].port,
+            "S->PgB",
+            "pgb",
+            proxies["scalple_pgb"],
+            may_fail=prepared_16,
+            proxy_pid=_pid_of(proxies["scalple_pgb"]),
+        ),
+        Target(
+            "pgb_session",
+            "PgBouncer[session]",
+            session_bouncer.host,
+            session_bouncer.port,
+            "PgB[s]",
+            "pg",
+            proxy_pid=session_bouncer.pid,
+        ),
+        Target(
+            "scalple_pgb_session",
+            "Scalple->PgBouncer[session]",
+            proxies["scalple_pgb_session"].host,
+            proxies["scalple_pgb_session"].port,
+            "S->PgB[s]",
+            "pgb_session",
+            proxies["scalple_pgb_session"],
+            proxy_pid=_pid_of(proxies["scalple_pgb_session"]),
+        ),
+        Target(
+            "scalple_pg",
+            "Scalple->PostgreSQL",
+            proxies["scalple_pg"].host,
+            proxies["scalple_pg"].port,
+            "S->PG",
+            "pgb",
+            proxies["scalple_pg"],
+            proxy_pid=_pid_of(proxies["scalple_pg"]),
+        ),
+    ]
+    counters = {t.key: AuditCounter(t.proxy.audit_path) for t in targets if t.proxy is not None}
+    return Environment(cluster, bouncer, session_bouncer, {t.key: t for t in targets}, counters)
+
+
+def _pid_of(proxy: ScalpleServer) -> Callable[[], int]:
+    def pid() -> int:
+        if proxy.process is None:
+            raise RuntimeError("the Scalple process is not running")
+        return proxy.process.pid
+
+    return pid
+
+
+def targets_for(workload: Workload) -> list[str]:
+    """Session-pool targets only where the transaction pool cannot serve the workload."""
+    if workload.key == "c16_prepared":
+        return ["pg", "pgb", "scalple_pgb", "pgb_session", "scalple_pgb_session", "scalple_pg"]
+    return ["pg", "pgb", "scalple_pgb", "scalple_pg"]
+
+
+def warm_up(env: Environment, pgbench: Path, log_dir: Path) -> None:
+    """A short unmeasured simple-protocol run per target.
+
+    Fills PgBouncer's pools, pages the table into shared buffers and lets each Scalple
+    process reach its steady state, so round 1 is not penalised for being first.
+    Simple protocol only: prepared statements left behind on transaction-pool server
+    connections would change what the measured prepared runs see.
+    """
+    warm = Workload("warmup", "warm-up", 16, 2, "simple")
+    for target in env.targets.values():
+        progress(f"warm-up (2 s, unmeasured): {target.label}")
+        run = run_pgbench(pgbench, warm, target, duration=2, log_dir=log_dir, round_no=0)
+        if not run.ok:
+            raise RuntimeError(f"warm-up against {target.label} failed: {run.error}")
+        counter = env.counters.get(target.key)
+        if counter is not None:
+            counter.collect(run.transactions or 0)
+            counter.total = 0  # the warm-up does not count towards the audit check
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def measure(env: Environment, pgbench: Path, args: argparse.Namespace, workdir: Path) -> list[Run]:
+    """Round after round, every workload against every target in turn.
+
+    Interleaving (rather than all rounds of one target, then the next) spreads slow
+    phases of a shared machine evenly over the targets.  A pair marked ``may_fail`` that
+    failed is not retried: it fails for a structural reason, and retrying only burns time.
+    """
+    workloads = [WORKLOADS[k] for k in args.workloads]
+    plan = [
+        (r, w, env.targets[t])
+        for r in range(1, args.rounds + 1)
+        for w in workloads
+        for t in targets_for(w)
+    ]
+    runs: list[Run] = []
+    skip: set[tuple[str, str]] = set()
+    dead: dict[str, str] = {}
+    started = time.monotonic()
+    done = 0
+    for index, (round_no, workload, target) in enumerate(plan, 1):
+        if (workload.key, target.key) in skip:
+            continue
+        remaining = sum(1 for (_, w, t) in plan[index - 1 :] if (w.key, t.key) not in skip)
+        total = done + remaining
+        eta = ""
+        if done:
+            eta = f", ETA {fmt_duration((time.monotonic() - started) / done * remaining)}"
+        progress(
+            f"[{done + 1}/{total}] round {round_no}/{args.rounds} {workload.label:<15} "
+            f"-> {target.label}{eta}"
+        )
+        if target.key in dead:
+            run = Run(round_no, workload.key, target.key, False, 0.0, error=dead[target.key])
+        else:
+            run = run_pgbench(
+                pgbench,
+                workload,
+                target,
+                duration=args.duration,
+                log_dir=workdir / f"run{index}",
+                round_no=round_no,
+            )
+            if target.proxy is not None:
+                counter = env.counters[target.key]
+                expected = (run.transactions or 0) + (run.failed_transactions or 0)
+                run.audit_records = counter.collect(expected)
+                counter.total_transactions += expected
+                counter.run_seconds += args.duration
+                if target.proxy.process is None or target.proxy.process.poll() is not None:
+                    tail = target.proxy.stderr().strip()[-1500:]
+                    dead[target.key] = f"the Scalple process exited; its stderr:\n{tail}"
+                    run.ok = False
+                    run.error = (run.error + "\n" if run.error else "") + dead[target.key]
+        done += 1
+        runs.append(run)
+        if run.ok:
+            progress(
+                f"    tps {run.tps:,.0f}  mean {run.mean_ms:.3f} ms  p99 {run.p99_ms:.3f} ms"
+                + (
+                    f"  audit records {run.audit_records:,}"
+                    if run.audit_records is not None
+                    else ""
+                )
+                + (f"  [warning: {'; '.join(run.warnings)}]" if run.warnings else "")
+            )
+        else:
+            progress(f"    FAILED: {run.error}")
+            if (workload.key in target.may_fail) and round_no < args.rounds:
+                progress("    (expected for this target; not retried in later rounds)")
+                skip.add((workload.key, target.key))
+    progress(f"measurements done in {fmt_duration(time.monotonic() - started)}")
+    return runs
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(env: Environment, runs: list[Run], args: argparse.Namespace) -> list[Row]:
+    """Medians over rounds; ratios are medians of same-round ratios (paired, noise-robust)."""
+    rows: list[Row] = []
+    by_pair: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        by_pair.setdefault((run.workload, run.target), []).append(run)
+    for wkey in args.workloads:
+        for tkey in targets_for(WORKLOADS[wkey]):
+            pair_runs = by_pair.get((wkey, tkey), [])
+            if not pair_runs:
+                continue
+            ok = [r for r in pair_runs if r.ok]
+            target = env.targets[tkey]
+            reference = target.reference
+            if tkey == "scalple_pg" and not [r for r in by_pair.get((wkey, "pgb"), []) if r.ok]:
+                reference = "pgb_session"  # the transaction pool cannot run this workload
+            ratio = None
+            if reference is not None and ok:
+                ref_by_round = {
+                    r.round: r.tps for r in by_pair.get((wkey, reference), []) if r.ok and r.tps
+                }
+                paired = [
+                    r.tps / ref_by_round[r.round]
+                    for r in ok
+                    if r.tps is not None and r.round in ref_by_round
+                ]
+                ratio = statistics.median(paired) if paired else None
+            tps = [r.tps for r in ok if r.tps is not None]
+            median_tps = statistics.median(tps) if tps else None
+            errors = sorted({r.error for r in pair_runs if r.error})
+            warnings = sorted({w for r in pair_runs for w in r.warnings})
+            rows.append(
+                Row(
+                    workload=wkey,
+                    target=tkey,
+                    runs_ok=len(ok),
+                    runs=len(pair_runs),
+                    tps_median=median_tps,
+                    tps_spread_pct=(100 * (max(tps) - min(tps)) / median_tps)
+                    if median_tps and len(tps) > 1
+                    else None,
+                    mean_ms=statistics.median(r.mean_ms for r in ok if r.mean_ms is not None)
+                    if ok
+                    else None,
+                    p99_ms=statistics.median(r.p99_ms for r in ok if r.p99_ms is not None)
+                    if ok
+                    else None,
+                    proxy_cpu_us=statistics.median(cpu) if (cpu := _cpu(ok)) else None,
+                    ratio=ratio,
+                    reference=reference if ratio is not None else None,
+                    error="\n".join(errors) or None,
+                    warnings=warnings,
+                )
+            )
+    return rows
+
+
+def _cpu(runs: list[Run]) -> list[float]:
+    return [r.proxy_cpu_us_per_tx for r in runs if r.proxy_cpu_us_per_tx is not None]
+
+
+def checks(rows: list[Row]) -> list[Check]:
+    """The issue's targets.  Prepared runs are checked against whichever pool can run them."""
+    index = {(r.workload, r.target): r for r in rows}
+    out: list[Check] = []
+
+    def add(name: str, wkey: str, tkey: str, ref: str, threshold: float, note: str = "") -> None:
+        row = index.get((wkey, tkey))
+        if row is None:
+            return
+        ref_row = index.get((wkey, ref))
+        if ref_row is None or ref_row.runs_ok == 0:
+            status, why = "N/A", f"reference {ref} has no successful run"
+        elif row.ratio is None:
+            status, why = "MISS", "Scalple has no successful run"
+        else:
+            status, why = ("PASS" if row.ratio >= threshold else "MISS"), ""
+        out.append(
+            Check(
+                name,
+                wkey,
+                tkey,
+                ref,
+                threshold,
+                row.ratio,
+                status,
+                "; ".join(filter(None, (note, why))),
+            )
+        )
+
+    add("Scalple->PgBouncer >= 0.75x PgBouncer", "c16_simple", "scalple_pgb", "pgb", 0.75)
+    add("Scalple->PgBouncer >= 0.85x PgBouncer", "c16_prepared", "scalple_pgb", "pgb", 0.85)
+    add(
+        "Scalple->PgBouncer >= 0.85x PgBouncer",
+        "c16_prepared",
+        "scalple_pgb_session",
+        "pgb_session",
+        0.85,
+        "session pool: the transaction pool cannot run pgbench -M prepared",
+    )
+    for wkey in WORKLOADS:
+        row = index.get((wkey, "scalple_pg"))
+        if row is None:
+            continue
+        ref = row.reference or "pgb"
+        note = (
+            "vs the session pool (transaction pool cannot run it)" if ref == "pgb_session" else ""
+        )
+        add("Scalple->PostgreSQL >= 0.95x PgBouncer", wkey, "scalple_pg", ref, 0.95, note)
+    return out
+
+
+def audit_summary(env: Environment, runs: list[Run], duration: int) -> list[dict[str, Any]]:
+    """Records written vs transactions pgbench completed, per proxy (events really on)."""
+    out = []
+    for key, counter in env.counters.items():
+        proxy_runs = [r for r in runs if r.target == key and r.audit_records is not None]
+        size = counter.path.stat().st_size if counter.path.exists() else 0
+        out.append(
+            {
+                "target": key,
+                "runs": len(proxy_runs),
+                "statement_records": counter.total,
+                "transactions": counter.total_transactions,
+                "records_per_transaction": counter.total / counter.total_transactions
+                if counter.total_transactions
+                else None,
+                "records_per_second": counter.total / counter.run_seconds
+                if counter.run_seconds
+                else None,
+                "peak_records_per_second": max(
+                    (r.audit_records / duration for r in proxy_runs if r.audit_records),
+                    default=None,
+                ),
+                "audit_log_bytes": size,
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for para in text.splitlines():
+        while len(para) > width:
+            cut = para.rfind(" ", 0, width)
+            cut = cut if cut > width // 2 else width
+            lines.append(para[:cut])
+            para = para[cut:].lstrip()
+        lines.append(para)
+    return lines
+
+
+def print_report(
+    out: TextIO,
+    env: Environment,
+    info: dict[str, Any],
+    args: argparse.Namespace,
+    rows: list[Row],
+    results: list[Check],
+    audit: list[dict[str, Any]],
+) -> None:
+    """The human-readable report; every line fits in 100 columns."""
+    lines: list[str] = []
+    emit = lines.append
+    labels = {k: t.label for k, t in env.targets.items()}
+    shorts = {k: t.short for k, t in env.targets.items()}
+    emit(f"pgbench comparison, {info['date']}")
+    emit(f"machine: {info['nproc']} CPUs, {info['cpu']}, kernel {info['kernel']}")
+    emit(
+        f"load average (1 min) {info['load_start']:.2f} at start, {info['load_end']:.2f} at end "
+        "(the machine is shared)"
+    )
+    emit(f"{info['postgresql']}, fsync=off")
+    emit(f"{info['pgbouncer']}, Python {info['python']}, uvloop {info['uvloop']}")
+    emit(f"scalple {info['scalple']}, audit log on")
+    emit(
+        f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
+        f"PgBouncer pools of {POOL_SIZE}"
+    )
+    emit("")
+    emit("TPS: median over rounds; spread: (max-min)/median; mean, p99: medians of per-run")
+    emit("values from pgbench --log; proxy us/tx: CPU (user+sys) of the process in front of")
+    emit("the server per transaction; ratio: median of same-round TPS ratios vs the `vs` row.")
+    emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool.")
+    emit("")
+    emit(
+        f"{'workload':<15} {'target':<27} {'TPS':>8} {'spread':>6} {'mean ms':>7} "
+        f"{'p99 ms':>7} {'us/tx':>6} {'ratio':>5} vs"
+    )
+    emit("-" * 96)
+    last = None
+    for row in rows:
+        if last is not None and row.workload != last:
+            emit("")
+        last = row.workload
+        head = f"{WORKLOADS[row.workload].label:<15} {labels[row.target]:<27}"
+        if row.runs_ok == 0:
+            emit(f"{head} {'ERROR':>8}   (all {row.runs} run(s) failed)")
+        else:
+            spread = "-" if row.tps_spread_pct is None else f"{row.tps_spread_pct:.0f}%"
+            runs = "" if row.runs_ok == row.runs else f" ({row.runs_ok}/{row.runs} ok)"
+            vs = shorts[row.reference] if row.reference else ""
+            emit(
+                f"{head} {_num(row.tps_median, ',.0f'):>8} {spread:>6} "
+                f"{_num(row.mean_ms, '.3f'):>7} {_num(row.p99_ms, '.3f'):>7} "
+                f"{_num(row.proxy_cpu_us, '.1f'):>6} {_num(row.ratio, '.2f'):>5} {vs}{runs}"
+            )
+        if row.error:
+            lines.extend(f"    ! {piece}" for piece in _wrap(row.error, 92)[:6])
+        for warning in row.warnings[:2]:
+            lines.extend(f"    ~ {piece}" for piece in _wrap("pgbench: " + warning, 92)[:2])
+    emit("")
+    emit("targets (from the issue); ratios as in the table:")
+    for check in results:
+        emit(
+            f"  {check.status:<4} {check.name:<38} {WORKLOADS[check.workload].label:<15} "
+            f"{shorts[check.target]:<9} {_num(check.ratio, '.2f'):>5} vs {shorts[check.reference]}"
+        )
+        lines.extend(f"         ({piece})" for piece in _wrap(check.note, 88) if check.note)
+    emit("")
+    emit("audit log check (Scalple must write a record for every statement):")
+    for item in audit:
+        per_tx = item["records_per_transaction"]
+        emit(
+            f"  {labels[item['target']]:<27} {item['statement_records']:>10,} records /"
+            f"{item['transactions']:>10,} tx = {_num(per_tx, '.4f')};"
+            f" {_num(item['records_per_second'], ',.0f')}/s avg,"
+            f" {_num(item['peak_records_per_second'], ',.0f')}/s peak"
+        )
+    for line in lines:
+        print(line.rstrip(), file=out)
+
+
+def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
+    print(file=out)
+    if "error" in profile:
+        print(f"profile: {profile['error']}", file=out)
+        return
+    print(
+        f"py-spy --native, Scalple->PgBouncer, -S c16 simple "
+        f"({_num(profile['tps_under_profiler'], ',.0f')} tps under the profiler);",
+        file=out,
+    )
+    print(f"collapsed stacks in {profile['file']}", file=out)
+    for thread in profile["threads"]:
+        print(
+            f"  thread {thread['name']}: {thread['samples']} samples "
+            f"({thread['active_pct']:.0f}% of the run's wall time); own time:",
+            file=out,
+        )
+        for item in thread["own_time"]:
+            print(f"    {item['pct']:5.1f}%  {item['function'][:88]}", file=out)
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile_proxy(
+    env: Environment, pgbench: Path, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """Sample the Scalple->PgBouncer process with py-spy during an extra 16-client run.
+
+    Not part of the measurement (py-spy steals CPU on a small machine); it tells where
+    the relay spends its CPU.  ``--native`` so that time in uvloop/libuv and in system
+    calls is not lumped into whichever Python frame called them.
+    """
+    target = env.targets["scalple_pgb"]
+    assert target.proxy is not None and target.proxy.process is not None
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).is_file():
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    raw = Path(args.profile).resolve()
+    rate = 200
+    cmd = [
+        spy, "record", "--pid", str(target.proxy.process.pid), "--duration", str(args.duration),
+        "--rate", str(rate), "--format", "raw", "--threads", "--native", "-o", str(raw),
+    ]  # fmt: skip
+    progress(f"profiling {target.label} with py-spy during a {args.duration} s -S c16 simple run")
+    spy_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # py-spy attaches
+        run = run_pgbench(
+            pgbench, WORKLOADS["c16_simple"], target, duration=args.duration,
+            log_dir=workdir / "profile", round_no=0,
+        )  # fmt: skip
+        _, spy_err = spy_proc.communicate(timeout=args.duration + 60)
+    finally:
+        if spy_proc.poll() is None:
+            spy_proc.kill()
+            spy_proc.wait()
+    env.counters["scalple_pgb"].collect(run.transactions or 0)
+    if spy_proc.returncode != 0 or not raw.exists():
+        return {"error": f"py-spy failed (exit {spy_proc.returncode}): {spy_err.strip()[-500:]}"}
+    return {
+        "file": str(raw),
+        "tps_under_profiler": run.tps,
+        "threads": top_functions(raw, rate * args.duration),
+    }
+
+
+def _frame_name(frame: str) -> str:
+    return re.sub(r":\d+\)$", ")", frame)
+
+
+def top_functions(raw: Path, expected_samples: int, limit: int = 12) -> list[dict[str, Any]]:
+    """Per thread, the leaves with the most samples (own time), from py-spy's raw output.
+
+    A native leaf (a system call, a libuv function) is shown with the innermost Python
+    frame above it, e.g. ``write (libc.so.6) <- ClientLink.data_received``: that is the
+    question "which relay step pays for this system call".  py-spy does not sample a
+    thread while it sleeps, so samples / expected samples is roughly its CPU share.
+    """
+    per_thread: dict[str, dict[str, int]] = {}
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        leaf = _frame_name(frames[-1])
+        python = [f for f in frames[1:] if ".py:" in f]
+        if python and ".py" not in leaf:
+            leaf = f"{leaf} <- {_frame_name(python[-1]).split(' (')[0]}"
+        own = per_thread.setdefault(frames[0], {})
+        own[leaf] = own.get(leaf, 0) + int(count_text)
+    out = []
+    for name, own in per_thread.items():
+        total = sum(own.values())
+        ranked = sorted(own.items(), key=lambda kv: kv[1], reverse=True)[:limit]
+        out.append(
+            {
+                "name": re.sub(r"^thread \(\d+\): ", "", name),
+                "samples": total,
+                "active_pct": 100 * total / expected_samples if expected_samples else 0.0,
+                "own_time": [
+                    {"function": f, "samples": n, "pct": 100 * n / total} for f, n in ranked
+                ],
+            }
+        )
+    return sorted(out, key=lambda t: -int(t["samples"]))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="pgbench -S against PostgreSQL, PgBouncer and Scalple, interleaved.",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per run (-T); 10")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets; 3")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor; 10")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="after measuring, py-spy the Scalple->PgBouncer process during one extra "
+        "16-client simple run and write its collapsed stacks to FILE",
+    )
+    args = parser.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    if args.duration < 1 or args.rounds < 1 or args.scale < 1:
+        parser.error("--duration, --rounds and --scale must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
+    bindir = pg_bindir()
+    pgbench = bindir / "pgbench"
+    info = machine_info(bindir)
+    info["load_start"] = load_average()
+    runs_per_round = sum(len(targets_for(WORKLOADS[w])) for w in args.workloads)
+    progress(
+        f"{runs_per_round} runs per round x {args.rounds} rounds x {args.duration} s: about "
+        f"{fmt_duration(runs_per_round * args.rounds * (args.duration + 1.5) + 40)}"
+    )
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                workdir = Path(tempfile.mkdtemp(prefix="scalple-bench-"))
+                stack.callback(shutil.rmtree, workdir, True)
+                env = start_environment(stack, args)
+                warm_up(env, pgbench, workdir / "warmup")
+                runs = measure(env, pgbench, args, workdir)
+                info["load_end"] = load_average()
+                rows = summarize(env, runs, args)
+                results = checks(rows)
+                audit = audit_summary(env, runs, args.duration)
+                profile = profile_proxy(env, pgbench, args, workdir) if args.profile else None
+            finally:
+                # The ExitStack now stops every process; a second Ctrl-C (or a SIGTERM)
+                # must not interrupt that and leave servers running.
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_IGN)
+                progress("stopping processes and removing temporary directories...")
+    except (KeyboardInterrupt, Interrupted) as exc:
+        progress(f"interrupted ({exc or 'SIGINT'}); everything was stopped and removed")
+        return 130
+    except Exception as exc:
+        progress(f"benchmark failed: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    if args.json:
+        document = {
+            "machine": info,
+            "settings": {
+                "duration_s": args.duration,
+                "rounds": args.rounds,
+                "scale": args.scale,
+                "pool_size": POOL_SIZE,
+                "fsync": False,
+                "workloads": {k: asdict(WORKLOADS[k]) for k in args.workloads},
+                "targets": {k: t.label for k, t in env.targets.items()},
+            },
+            "rows": [asdict(r) for r in rows],
+            "checks": [asdict(c) for c in results],
+            "audit": audit,
+            "runs": [asdict(r) for r in runs],
+            "profile": profile,
+        }
+        json.dump(document, sys.stdout, indent=2)
+        print()
+    else:
+        print_report(sys.stdout, env, info, args, rows, results, audit)
+        if profile is not None:
+            print_profile(sys.stdout, profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -813,7 +813,9 @@ def checks(rows: list[Row]) -> list[Check]:
             continue
         ref = row.reference or "pgb"
         note = (
-            "vs the session pool (transaction pool cannot run it)" if ref == "pgb_session" else ""
+            "vs the session pool: the transaction pool cannot run it"
+            if ref == "pgb_session"
+            else ""
         )
         add("Scalple->PostgreSQL >= 0.95x PgBouncer", wkey, "scalple_pg", ref, 0.95, note)
     return out
@@ -938,10 +940,10 @@ def print_report(
     for item in audit:
         per_tx = item["records_per_transaction"]
         emit(
-            f"  {labels[item['target']]:<27} {item['statement_records']:>10,} records /"
-            f"{item['transactions']:>10,} tx = {_num(per_tx, '.4f')};"
+            f"  {labels[item['target']]:<27} {item['statement_records']:>10,} records"
+            f" /{item['transactions']:>10,} tx = {_num(per_tx, '.4f')},"
             f" {_num(item['records_per_second'], ',.0f')}/s avg,"
-            f" {_num(item['peak_records_per_second'], ',.0f')}/s peak"
+            f" {_num(item['peak_records_per_second'], ',.0f')}/s max"
         )
     for line in lines:
         print(line.rstrip(), file=out)

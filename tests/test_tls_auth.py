@@ -3,9 +3,13 @@
 Every password method PostgreSQL offers is relayed untouched (trust, cleartext,
 md5, SCRAM), directly and through PgBouncer; the client side speaks TLS via
 SSLRequest or PostgreSQL 17 direct TLS; the upstream side speaks TLS with and
-without certificate verification; SCRAM-SHA-256-PLUS never leaks to clients
-(channel binding cannot work through a TLS-terminating proxy); cancel
-requests reach the server; and session records say who connected from where.
+without certificate verification; SCRAM-SHA-256-PLUS is withheld from clients
+unless the proxy presents the server's own certificate (see section 6); cancel
+requests reach the server, directly and through PgBouncer; and session records
+say who connected from where.
+
+Some tests here fail on purpose until the proxy is fixed; each says what it
+expects and why (PostgreSQL's own behaviour is the reference).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,25 +199,13 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 # -- proxies --------------------------------------------------------------------
 
 
-def _serve(upstream: str, config: dict[str, dict[str, object]]) -> Iterator[ScalpleServer]:
+def _serve(upstream: str, config: Mapping[str, Mapping[str, object]]) -> Iterator[ScalpleServer]:
     server = ScalpleServer(upstream, config=config)
     server.start()
     try:
         yield server
     finally:
         server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def bouncer(pg: PostgresCluster) -> Iterator[PgBouncer]:
-    """This module's own PgBouncer (overrides the session one): a proxy that mishandles
-    cancel requests can crash PgBouncer 1.18, which must not take other modules down."""
-    pool = PgBouncer(pg, pool_mode="transaction", default_pool_size=20, max_client_conn=200)
-    pool.start()
-    try:
-        yield pool
-    finally:
-        pool.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -919,7 +911,7 @@ def cancel_running_query(proxy: ScalpleServer, pg: PostgresCluster, dsn: str, me
 
         def run() -> None:
             try:
-                conn.execute(f"select pg_sleep(30) /* {marker} */")  # type: ignore[arg-type]
+                conn.execute(f"select pg_sleep(30) /* {marker} */")
             except BaseException as exc:
                 outcome["error"] = exc
             outcome["at"] = time.monotonic()
@@ -928,7 +920,7 @@ def cancel_running_query(proxy: ScalpleServer, pg: PostgresCluster, dsn: str, me
         worker.start()
         try:
             deadline = time.monotonic() + 10
-            while admin.execute(active).fetchone() is None:  # type: ignore[arg-type]
+            while admin.execute(active).fetchone() is None:
                 assert time.monotonic() < deadline, "the query never started"
                 time.sleep(0.02)
             cancelled_at = time.monotonic()
@@ -937,9 +929,7 @@ def cancel_running_query(proxy: ScalpleServer, pg: PostgresCluster, dsn: str, me
             assert not worker.is_alive(), f"conn.{method}() did not cancel the query within 5s"
         finally:
             if worker.is_alive():  # keep a failing test fast: cancel behind the proxy's back
-                admin.execute(
-                    f"select pg_cancel_backend(pid) from ({active}) a"  # type: ignore[arg-type]
-                )
+                admin.execute(f"select pg_cancel_backend(pid) from ({active}) a")
                 worker.join(10)
         error = outcome.get("error")
         assert isinstance(error, pg_errors.QueryCanceled), repr(error)
@@ -961,10 +951,28 @@ def cancel_running_query(proxy: ScalpleServer, pg: PostgresCluster, dsn: str, me
         assert scalar(conn, "select 8") == 8
 
 
+@pytest.fixture(params=["bouncer", "direct"])
+def cancel_route(
+    request: pytest.FixtureRequest, pg: PostgresCluster, proxy_factory: ProxyFactory
+) -> Iterator[Route]:
+    """Like ``route``, but the bouncer route gets a PgBouncer of its own: a proxy that
+    drops the cancel connection early crashes PgBouncer 1.18 (pgbouncer#801), which
+    must not take the shared one (and every later test) down with it."""
+    if request.param == "direct":
+        yield Route("direct", request.getfixturevalue("proxy_direct"), pg)
+        return
+    pool = PgBouncer(pg, pool_mode="transaction", default_pool_size=5, max_client_conn=50)
+    pool.start()
+    try:
+        yield Route("bouncer", proxy_factory(f"{pool.host}:{pool.port}"), pg)
+    finally:
+        pool.cleanup()
+
+
 @pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
-def test_cancel(route: Route, pg: PostgresCluster, method: str) -> None:
-    dsn = route.dsn(connect_timeout=str(CONNECT_TIMEOUT))
-    cancel_running_query(route.proxy, pg, dsn, method)
+def test_cancel(cancel_route: Route, pg: PostgresCluster, method: str) -> None:
+    dsn = cancel_route.dsn(connect_timeout=str(CONNECT_TIMEOUT))
+    cancel_running_query(cancel_route.proxy, pg, dsn, method)
 
 
 @pytest.mark.parametrize("method", ["cancel", "cancel_safe"])

@@ -1,0 +1,154 @@
+"""``scalple demo``: the product in one minute on an empty machine.
+
+Starts a private PostgreSQL 15 and a PgBouncer in transaction mode, puts
+Scalple in front, runs a small workload as two different people sharing the
+pool's one database role, and prints the audit log Scalple wrote.  Everything
+runs in a temporary directory and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_demo"]
+
+_SCHEMA = """
+create table customers (id int primary key, name text, email text, city text);
+create table orders (id serial primary key, customer_id int references customers, amount numeric);
+insert into customers
+  select i, 'Customer ' || i, 'customer' || i || '@example.com',
+         (array['Lyon','Milan','Berlin'])[1 + i % 3]
+  from generate_series(1, 200) i;
+insert into orders (customer_id, amount)
+  select 1 + i % 200, (i * 7) % 500 from generate_series(1, 1000) i;
+grant select, insert, update, delete on customers, orders to app_user;
+grant usage on sequence orders_id_seq to app_user;
+"""
+
+
+def _step(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _timed(text: str) -> Iterator[None]:
+    start = time.monotonic()
+    print(f"  {text} ...", end="", file=sys.stderr, flush=True)
+    yield
+    print(f" done ({time.monotonic() - start:.1f}s)", file=sys.stderr, flush=True)
+
+
+def _workload(dsn_for: Any) -> tuple[str, str | None]:
+    """Two people, each on their own client connection, both through the same
+    PgBouncer pool (transaction mode) and so the same database role."""
+    import psycopg
+
+    with (
+        psycopg.connect(dsn_for("alice", "alice@support.example")) as alice,
+        psycopg.connect(dsn_for("bob", "bob@billing.example")) as bob,
+    ):
+        alice.autocommit = True
+        bob.autocommit = True
+        alice.execute("select id, name, email from customers where id = %s", (42,)).fetchall()
+        bob.execute("select sum(amount) from orders where customer_id = %s", (42,)).fetchall()
+        alice.execute("select name, city from customers where city = 'Lyon' limit 5").fetchall()
+        with bob.transaction():
+            bob.execute("insert into orders (customer_id, amount) values (%s, %s)", (42, 99))
+            bob.execute("update customers set city = 'Turin' where id = %s", (42,))
+        with (
+            alice.cursor() as cur,
+            cur.copy("copy (select id, city from customers) to stdout") as copy,
+        ):
+            for _ in copy:
+                pass
+        with suppress(psycopg.errors.UndefinedTable):
+            alice.execute("select * from customer_secrets")
+        # What PostgreSQL itself sees: the pool's role, never the person.
+        row = alice.execute(
+            "select current_user, current_setting('scalple.user_id', true)"
+        ).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+
+def _print_table(records: list[dict[str, Any]]) -> None:
+    width = max(80, min(shutil.get_terminal_size((120, 24)).columns, 160))
+    header = (
+        f"{'time':<15} {'person':<7} {'session':<9} {'command':<7} {'rows':>5} {'status':<6} query"
+    )
+    print(header)
+    print("-" * min(width, len(header) + 40))
+    for r in records:
+        when = r["ts"][11:26]
+        person = r["session_user_id"] or "-"
+        rows = "" if r["rows"] is None else str(r["rows"])
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}:{r['sqlstate']}"
+        query = " ".join((r["query"] or "").split())
+        if r["params"]:
+            query += "  -- params " + ", ".join(str(p) for p in r["params"])
+        command = r["command"] or "-"
+        line = f"{when:<15} {person:<7} {r['session_id']:<9} {command:<7} {rows:>5} {status:<6} "
+        room = max(10, width - len(line))
+        print(line + (query if len(query) <= room else query[: room - 1] + "…"))
+
+
+def run_demo(*, json_output: bool = False) -> int:
+    from scalple.devcluster import PgBouncer, PostgresCluster
+    from scalple.devproxy import ScalpleServer
+
+    print(
+        "Scalple demo: PostgreSQL 15 <- PgBouncer (transaction mode) <- Scalple <- two people",
+        file=sys.stderr,
+    )
+    with ExitStack() as stack:
+        with _timed("starting a private PostgreSQL 15"):
+            pg = stack.enter_context(PostgresCluster(tls=False))
+            pg.psql(_SCHEMA)
+        with _timed("starting PgBouncer in transaction mode"):
+            bouncer = stack.enter_context(
+                PgBouncer(pg, pool_mode="transaction", default_pool_size=2)
+            )
+        with _timed("starting Scalple in front of PgBouncer"):
+            proxy = stack.enter_context(ScalpleServer(f"{bouncer.host}:{bouncer.port}"))
+        _step(
+            f"apps connect to Scalple at {proxy.host}:{proxy.port}"
+            " with options=-c scalple.user_id=..."
+        )
+
+        def dsn_for(user_id: str, email: str) -> str:
+            options = f"-c scalple.user_id={user_id} -c scalple.email={email}"
+            return proxy.dsn(
+                user="app_user",
+                password="app_pass",
+                dbname="app",
+                options=options,
+                application_name="crm",
+            )
+
+        with _timed("running the workload as alice and bob over pooled connections"):
+            seen = _workload(dsn_for)
+        _step(f"PostgreSQL itself saw current_user={seen[0]!r}, scalple.user_id={seen[1]!r}")
+        with _timed("stopping Scalple (flushes the audit log)"):
+            proxy.stop()
+        records = proxy.records()
+        kept = Path(".demo")
+        kept.mkdir(exist_ok=True)
+        shutil.copy(proxy.audit_path, kept / "audit.jsonl")
+        if json_output:
+            for line in proxy.audit_path.read_text(encoding="utf-8").splitlines():
+                print(line)
+        else:
+            print(
+                f"\nAudit log ({len(records)} statements; a copy is in {kept / 'audit.jsonl'}):\n"
+            )
+            _print_table(records)
+            people = sorted({r["session_user_id"] for r in records if r["session_user_id"]})
+            print("\nEvery statement above reached PostgreSQL as 'app_user' through a shared pool;")
+            print(f"Scalple attributed each one to its person: {', '.join(people)}.")
+    return 0

@@ -119,7 +119,7 @@ def test_oversize_is_a_violation_before_the_body_arrives() -> None:
 
 def test_legal_but_uncaptured_types_pass() -> None:
     scanner = frontend()
-    assert scanner.feed(msg(b"D", b"S\x00") + msg(b"H", b"")) is None
+    assert scanner.feed(msg(b"d", b"1\t2\n") + msg(b"H", b"")) is None
     assert scanner.messages == 2
 
 

@@ -1092,7 +1092,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
+        if signal.getsignal(signum) is signal.SIG_DFL:  # respect nohup's SIG_IGN
+            signal.signal(signum, _raise_interrupted)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     bindir = pg_bindir()
     pgbench = bindir / "pgbench"
     info = machine_info(bindir)
@@ -1100,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_per_round = sum(len(targets_for(WORKLOADS[w])) for w in args.workloads)
     progress(
         f"{runs_per_round} runs per round x {args.rounds} rounds x {args.duration} s: about "
-        f"{fmt_duration(runs_per_round * args.rounds * (args.duration + 1.5) + 40)}"
+        f"{fmt_duration(runs_per_round * args.rounds * (args.duration + 0.4) + 40)}"
     )
     try:
         with contextlib.ExitStack() as stack:
@@ -1122,15 +1124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     signal.signal(signum, signal.SIG_IGN)
                 progress("stopping processes and removing temporary directories...")
     except (KeyboardInterrupt, Interrupted) as exc:
-        progress(f"interrupted ({exc or 'SIGINT'}); everything was stopped and removed")
+        progress(f"interrupted ({str(exc) or 'SIGINT'}); everything was stopped and removed")
         return 130
     except Exception as exc:
         progress(f"benchmark failed: {type(exc).__name__}: {exc}")
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     if args.json:
         document = {

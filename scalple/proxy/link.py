@@ -26,7 +26,7 @@ from scalple import protocol as P
 from scalple._wire import MessageScanner, ProtocolViolation
 from scalple.events import SessionClosed, SessionInfo, SessionRejected
 from scalple.identity.startup import extract_identity
-from scalple.proxy.tls import TlsTerminator
+from scalple.proxy.tls import ALPN_POSTGRESQL, TlsTerminator
 from scalple.proxy.upstream import UpstreamError
 from scalple.session.tracker import StatementTracker
 
@@ -98,6 +98,9 @@ class ClientLink(asyncio.Protocol):
         self._paused = 0
         self._timer: asyncio.TimerHandle | None = None
         self.draining = False
+        self._cancelling = False
+        self._direct_tls = False
+        self.channel_binding_passthrough = False
         self.client_addr = "?"
 
     # -- phase ---------------------------------------------------------------
@@ -184,7 +187,7 @@ class ClientLink(asyncio.Protocol):
     # -- everything before the steady state ------------------------------------
 
     def _slow_received(self, data: bytes) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.phase is Phase.CLOSED or self._cancelling:
             return
         if self._tls is not None:
             try:
@@ -198,6 +201,18 @@ class ClientLink(asyncio.Protocol):
                     P.SQLSTATE_PROTOCOL_VIOLATION, f"TLS handshake failed: {exc}", send=False
                 )
                 return
+            if self._direct_tls and self._tls.handshake_done:
+                if self._tls.alpn != ALPN_POSTGRESQL:
+                    # As PostgreSQL 17: direct TLS without ALPN "postgresql" is
+                    # refused (cross-protocol attacks, ALPACA).
+                    log.info("client %s: direct TLS without ALPN postgresql", self.client_addr)
+                    self._reject(
+                        P.SQLSTATE_PROTOCOL_VIOLATION,
+                        "received direct SSL connection request without ALPN protocol "
+                        "negotiation extension",
+                    )
+                    return
+                self._direct_tls = False  # checked once
             if not data:
                 return
         if self.phase is Phase.PREAMBLE:
@@ -275,6 +290,7 @@ class ClientLink(asyncio.Protocol):
             return
         self._tls = TlsTerminator(ctx, self._transport.write)  # type: ignore[union-attr]
         self._write = self._tls.send
+        self._direct_tls = True
         data = bytes(self._preamble)
         self._preamble.clear()
         self._slow_received(data)
@@ -282,8 +298,14 @@ class ClientLink(asyncio.Protocol):
     def _forward_cancel(self, packet: bytes) -> None:
         # A CancelRequest carries PgBouncer's (or PostgreSQL's) key; it goes
         # upstream unchanged on a connection of its own and gets no answer.
-        self._proxy.loop.create_task(self._proxy.forward_cancel(packet))
-        self._close("cancel request forwarded", None)
+        # The client's connection stays open until the upstream has processed
+        # it, so that "connection closed" means "cancel delivered" end to end.
+        self._cancelling = True
+        self._preamble.clear()
+        if self._transport is not None:
+            self._transport.pause_reading()
+        task = self._proxy.loop.create_task(self._proxy.forward_cancel(packet))
+        task.add_done_callback(lambda _: self._close("cancel request forwarded", None))
 
     def _startup(self, packet: bytes) -> None:
         try:
@@ -347,6 +369,13 @@ class ClientLink(asyncio.Protocol):
             return
         high = self._proxy.config.server.write_buffer_high
         transport.set_write_buffer_limits(high=high, low=high // 4)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.channel_binding_passthrough = (
+            self._tls is not None
+            and ssl_object is not None
+            and self._proxy.tls_cert_der is not None
+            and ssl_object.getpeercert(binary_form=True) == self._proxy.tls_cert_der
+        )
         self._server = server
         self._up_transport = transport
         self._up_write = transport.write
@@ -473,6 +502,9 @@ class ClientLink(asyncio.Protocol):
         if error is not None and server_ok and self._transport is not None:
             with contextlib.suppress(Exception):  # the client may already be gone
                 self._write(error)
+        if self._tls is not None:
+            with contextlib.suppress(Exception):
+                self._tls.close()
         if self._transport is not None:
             self._transport.close()
         if self._up_transport is not None:
@@ -562,7 +594,11 @@ class ServerLink(asyncio.Protocol):
                 break
             message = bytes(buf[:end])
             del buf[:end]
-            if mtype == P.B_AUTHENTICATION and P.auth_code(message[5:]) == P.AUTH_SASL:
+            if (
+                mtype == P.B_AUTHENTICATION
+                and P.auth_code(message[5:]) == P.AUTH_SASL
+                and not client.channel_binding_passthrough
+            ):
                 message = P.build_message(b"R", P.strip_scram_plus(message[5:]))
             elif mtype == P.B_ERROR:
                 self.auth_error = P.parse_error_fields(message[5:]).get("C")

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import ssl
 import time
 
 from scalple.config import Config, parse_address
@@ -21,6 +22,16 @@ from scalple.proxy.upstream import UpstreamConnector, UpstreamError
 from scalple.sink.base import Sink
 
 __all__ = ["Proxy"]
+
+
+def _first_certificate_der(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, encoding="ascii") as fh:
+        pem = fh.read()
+    end = pem.find("-----END CERTIFICATE-----")
+    return ssl.PEM_cert_to_DER_cert(pem[: end + 25]) if end >= 0 else None
+
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,11 @@ class Proxy:
             server_context(config.server.tls_cert, config.server.tls_key)
             if config.server.tls_cert and config.server.tls_key
             else None
+        )
+        # SCRAM channel binding (tls-server-end-point) survives the proxy only
+        # when clients see the very certificate the upstream presents.
+        self.tls_cert_der = (
+            _first_certificate_der(config.server.tls_cert) if self.tls_context else None
         )
         self.links: set[ClientLink] = set()
         self.shutting_down = False
@@ -109,13 +125,23 @@ class Proxy:
         )
 
     async def forward_cancel(self, packet: bytes) -> None:
+        """Send a CancelRequest upstream and wait until the upstream closes the
+        connection: that is how the protocol says "processed" (libpq waits for
+        it too).  Hanging up first makes PgBouncer drop the cancel, or (1.18,
+        pgbouncer#801) crash with "bad client state: 0"."""
+        closed: asyncio.Future[None] = self.loop.create_future()
         try:
-            transport, _ = await self.connector.connect(self.loop, asyncio.Protocol)
+            transport, _ = await self.connector.connect(self.loop, lambda: _CloseWaiter(closed))
         except UpstreamError as exc:
             log.warning("cancel request not delivered: %s", exc)
             return
         transport.write(packet)
-        transport.close()
+        try:
+            await asyncio.wait_for(closed, self.config.upstream.connect_timeout)
+        except TimeoutError:
+            log.warning("cancel request: upstream did not close the connection in time")
+        finally:
+            transport.close()
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let open transactions finish, then close everything."""
@@ -138,3 +164,14 @@ class Proxy:
             self._clock.cancel()
         if self._server is not None:
             await self._server.wait_closed()
+
+
+class _CloseWaiter(asyncio.Protocol):
+    """Resolves ``closed`` when the peer hangs up (the CancelRequest's only answer)."""
+
+    def __init__(self, closed: asyncio.Future[None]) -> None:
+        self._closed = closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)

@@ -8,6 +8,7 @@ already read, so the proxy runs the TLS state machine itself and feeds it.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Callable
 
@@ -74,6 +75,16 @@ class TlsTerminator:
     def send(self, data: bytes) -> None:
         """Plaintext to the client."""
         self._object.write(data)
+        self._flush()
+
+    def close(self) -> None:
+        """Send close_notify before the TCP close: OpenSSL 3 clients (libpq >= 17's
+        cancel_safe, for one) report a bare close as "unexpected eof while reading"."""
+        if not self.handshake_done:
+            return
+        # SSLWantReadError: close_notify is written; we do not wait for the reply.
+        with contextlib.suppress(ssl.SSLError):
+            self._object.unwrap()
         self._flush()
 
     def _flush(self) -> None:

@@ -41,6 +41,18 @@ async def _serve(config: Config) -> int:
         sink.close()
         log.error("cannot listen on %s: %s", config.server.listen, exc.strerror or exc)
         return 2
+    if config.metrics.listen:
+        from scalple.config import parse_address
+        from scalple.metrics import serve_metrics
+
+        address = parse_address(config.metrics.listen, key="metrics.listen")
+        try:
+            serve_metrics(address, proxy, sink)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s: %s", config.metrics.listen, exc.strerror or exc)
+            await proxy.shutdown(0.1)
+            sink.close()
+            return 2
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -440,6 +440,7 @@ class ClientLink(asyncio.Protocol):
     # -- ending ----------------------------------------------------------------
 
     def _violation(self, exc: ProtocolViolation) -> None:
+        self._proxy.protocol_violations += 1
         log.warning(
             "client %s (session %s): protocol violation at byte %d: %s; closing it",
             self.client_addr,
@@ -462,6 +463,7 @@ class ClientLink(asyncio.Protocol):
         if self._tracker is not None and self._tracker.terminated:
             self._close("client terminated", None)
             return
+        self._proxy.upstream_failures += 1
         error = P.build_error(P.SQLSTATE_CONNECTION_FAILURE, message) if at_boundary else None
         log.warning("client %s: %s", self.client_addr, message)
         self._close(message, error, sqlstate=P.SQLSTATE_CONNECTION_FAILURE)
@@ -520,13 +522,16 @@ class ClientLink(asyncio.Protocol):
             sink.submit(SessionClosed(self._session, time.time_ns(), statements, reason))
         elif was is not Phase.PREAMBLE or self._startup_params or sqlstate is not None:
             params = self._startup_params
+            code = sqlstate or self._server_error_code() or P.SQLSTATE_CONNECTION_FAILURE
+            rejected = self._proxy.rejected
+            rejected[code] = rejected.get(code, 0) + 1
             sink.submit(
                 SessionRejected(
                     client_addr=self.client_addr,
                     db_role=params.get("user"),
                     database=params.get("database") or params.get("user"),
                     at_ns=time.time_ns(),
-                    sqlstate=sqlstate or self._server_error_code() or P.SQLSTATE_CONNECTION_FAILURE,
+                    sqlstate=code,
                     reason=reason,
                 )
             )

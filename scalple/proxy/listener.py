@@ -58,7 +58,12 @@ class Proxy:
         )
         self.links: set[ClientLink] = set()
         self.shutting_down = False
+        # Counters read by the metrics collector at scrape time.
         self.observation_errors = 0
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
+        self.protocol_violations = 0
+        self.upstream_failures = 0
         self._ids = itertools.count(1)
         self._session_ids = itertools.count(1)
         self._boot = secrets.token_hex(3)
@@ -99,6 +104,7 @@ class Proxy:
         return f"{self._boot}-{next(self._session_ids)}"
 
     def link_opened(self, link: ClientLink) -> None:
+        self.accepted += 1
         self.links.add(link)
         if self.sink.congested:
             link.pause(Pause.SINK)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from scalple.events import StatementEvent
 from scalple.records import to_record
 from scalple.sink.base import Event
 
@@ -54,6 +55,7 @@ class JsonLinesSink:
         self.congested = False
         self.submitted = 0
         self.written = 0
+        self.statements: dict[str, int] = {}  # written, by status (for metrics)
         self.failed_writes = 0
         self._thread = threading.Thread(target=self._run, name="scalple-sink", daemon=True)
         self._thread.start()
@@ -113,6 +115,10 @@ class JsonLinesSink:
                     return
                 time.sleep(0.5)
         self.written += len(batch)
+        counts = self.statements
+        for event in batch:
+            if type(event) is StatementEvent:
+                counts[event.status] = counts.get(event.status, 0) + 1
         if self.congested and len(self._pending) < self._max_pending // 2:
             self.congested = False
             if self._loop is not None:

@@ -81,6 +81,66 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(json_output=args.json)
 
 
+def _log_dir(args: argparse.Namespace) -> str:
+    if args.log_dir:
+        return str(args.log_dir)
+    return load_config(args.config).log.dir
+
+
+def _cmd_log_tail(args: argparse.Namespace) -> int:
+    from scalple.query.reader import LogReader
+    from scalple.query.render import format_record, header
+
+    reader = LogReader(_log_dir(args))
+    if args.json:
+        import msgspec
+
+        def show(record: dict[str, object]) -> None:
+            sys.stdout.buffer.write(msgspec.json.encode(record) + b"\n")
+            sys.stdout.flush()
+    else:
+        print(header())
+
+        def show(record: dict[str, object]) -> None:
+            print(format_record(record), flush=True)
+
+    last = list(reader.records())[-args.lines :] if args.lines > 0 else []
+    for record in last:
+        show(record)
+    if args.follow:
+        try:
+            for record in reader.follow():
+                show(record)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _cmd_log_export(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from scalple.query.reader import LogReader, parse_time
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"scalple: {exc}", file=sys.stderr)
+        return 2
+    reader = LogReader(_log_dir(args))
+    out = sys.stdout.buffer
+    count = 0
+    progress = sys.stderr.isatty()
+    for record in reader.records(since=since, until=until):
+        out.write(msgspec.json.encode(record) + b"\n")
+        count += 1
+        if progress and count % 10_000 == 0:
+            print(f"\r{count:,} records", end="", file=sys.stderr, flush=True)
+    out.flush()
+    print(f"{chr(13) if progress else ''}{count:,} records exported", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scalple", description="PostgreSQL audit proxy: who accessed which data."
@@ -95,6 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", metavar="HOST:PORT", help="overrides [upstream] address")
     serve.add_argument("--log-dir", metavar="DIR", help="overrides [log] dir")
     serve.set_defaults(func=_cmd_serve)
+
+    log_cmd = sub.add_parser("log", help="read the audit log")
+    log_sub = log_cmd.add_subparsers(dest="log_command", required=True)
+    for name, func, text in (
+        ("tail", _cmd_log_tail, "the latest records, human-readable"),
+        ("export", _cmd_log_export, "records as JSON lines, one object per line"),
+    ):
+        p = log_sub.add_parser(name, help=text)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--log-dir", metavar="DIR", help="the audit log directory")
+        where.add_argument("--config", help="TOML configuration file; its [log] dir is read")
+        p.set_defaults(func=func)
+        if name == "tail":
+            p.add_argument("-n", "--lines", type=int, default=20, help="how many (default 20)")
+            p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+            p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+        else:
+            p.add_argument(
+                "--json", action="store_true", required=True, help="JSON lines (the only format)"
+            )
+            p.add_argument(
+                "--since", metavar="TIME", help="from (inclusive): 2026-05-01, RFC 3339 or 7d"
+            )
+            p.add_argument("--until", metavar="TIME", help="to (exclusive), same forms")
 
     demo = sub.add_parser(
         "demo", help="private PostgreSQL + PgBouncer + Scalple, a workload, the audit log"
@@ -117,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scalple: configuration error: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:
+        print(f"scalple: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0  # the reader (head, less) went away
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ class ProtocolViolation(Exception):
     offset: int
     def __init__(self, message: str, offset: int) -> None: ...
 
-Captured = tuple[int, bytes, bool, int]
-"""(message type, body or its first capture_limit bytes, truncated, counted since last)"""
+Captured = tuple[int, bytes, bool, int, int]
+"""(message type, body or its first capture_limit bytes, truncated, counted since
+last, offset in the chunk just past the message)"""
 
 class MessageScanner:
     messages: int

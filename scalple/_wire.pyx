@@ -63,9 +63,10 @@ cdef class MessageScanner:
     the legal types; anything else raises :class:`ProtocolViolation`.
 
     :meth:`feed` returns ``None`` when nothing was captured (the common case
-    for DataRow streams) or a list of ``(type, body, truncated, counted)``
+    for DataRow streams) or a list of ``(type, body, truncated, counted, end)``
     tuples, where ``counted`` is the number of counted messages seen since the
-    previous reported message.  Bodies longer than ``capture_limit`` are cut
+    previous reported message and ``end`` the offset in this chunk just past
+    the message (so a caller can split the chunk there).  Bodies longer than ``capture_limit`` are cut
     to that size and flagged ``truncated``; the message is still forwarded
     whole by the caller.
     """
@@ -160,8 +161,8 @@ cdef class MessageScanner:
             self._counted += 1
         return None
 
-    cdef inline object _emit(self, list out, bytes body, bint truncated):
-        out.append((self._type, body, truncated, self._counted))
+    cdef inline object _emit(self, list out, bytes body, bint truncated, Py_ssize_t end):
+        out.append((self._type, body, truncated, self._counted, end))
         self._counted = 0
         return None
 
@@ -184,7 +185,7 @@ cdef class MessageScanner:
                     if self._capturing:
                         if out is None:
                             out = []
-                        self._emit(out, b"", False)
+                        self._emit(out, b"", False, pos)
                     continue
                 if self._capturing and size - pos >= self._remaining:
                     # Fast path: the whole body is in this chunk too.
@@ -194,7 +195,7 @@ cdef class MessageScanner:
                     if out is None:
                         out = []
                     self._emit(out, PyBytes_FromStringAndSize(<const char *>buf + pos, keep),
-                               keep < self._remaining)
+                               keep < self._remaining, pos + self._remaining)
                     pos += self._remaining
                     self._remaining = 0
                     self.messages += 1
@@ -218,7 +219,7 @@ cdef class MessageScanner:
                     if self._capturing:
                         if out is None:
                             out = []
-                        self._emit(out, b"", False)
+                        self._emit(out, b"", False, pos)
                     continue
                 if self._capturing:
                     self._body = bytearray()
@@ -240,7 +241,7 @@ cdef class MessageScanner:
                 if self._capturing:
                     if out is None:
                         out = []
-                    self._emit(out, bytes(self._body), len(self._body) < self._body_length)
+                    self._emit(out, bytes(self._body), len(self._body) < self._body_length, pos)
                     self._body = None
         self._offset += size
         return out

@@ -39,21 +39,23 @@ RESULT = (
     + msg(b"C", b"UPDATE 2\x00")
     + msg(b"Z", b"I")
 )
+_END_C1 = 27 + 3 * 12 + 14  # RowDescription, three DataRows, the first CommandComplete
 EXPECTED = [
-    (ord("C"), b"SELECT 3\x00", False, 3),
-    (ord("C"), b"UPDATE 2\x00", False, 0),
-    (ord("Z"), b"I", False, 0),
+    (ord("C"), b"SELECT 3\x00", False, 3, _END_C1),
+    (ord("C"), b"UPDATE 2\x00", False, 0, _END_C1 + 14),
+    (ord("Z"), b"I", False, 0, len(RESULT)),
 ]
 
+Got = list[tuple[int, bytes, bool, int, int]]
 
-def feed_in_pieces(
-    scanner: MessageScanner, data: bytes, cuts: list[int]
-) -> list[tuple[int, bytes, bool, int]]:
-    out: list[tuple[int, bytes, bool, int]] = []
+
+def feed_in_pieces(scanner: MessageScanner, data: bytes, cuts: list[int]) -> Got:
+    """Feed ``data`` cut at ``cuts``; ends are turned into stream offsets."""
+    out: Got = []
     start = 0
     for cut in [*sorted(set(cuts)), len(data)]:
-        got = scanner.feed(data[start:cut])
-        out.extend(got or [])
+        got = scanner.feed(data[start:cut]) or []
+        out.extend((t, b, tr, c, start + end) for t, b, tr, c, end in got)
         start = cut
     return out
 
@@ -96,7 +98,7 @@ def test_capture_limit_truncates_but_frames_correctly() -> None:
         scanner = backend()
         got = feed_in_pieces(scanner, data, [cut] if cut else [])
         assert got[0][1] == long_tag[:64] and got[0][2] is True
-        assert got[1] == (ord("Z"), b"I", False, 0)
+        assert got[1] == (ord("Z"), b"I", False, 0, len(data))
 
 
 def test_unknown_frontend_type_is_a_violation() -> None:

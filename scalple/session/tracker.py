@@ -163,7 +163,7 @@ class StatementTracker:
     # -- client to server ----------------------------------------------------
 
     def on_frontend(self, messages: list[Captured], now: int) -> None:
-        for mtype, body, truncated, _counted in messages:
+        for mtype, body, truncated, _counted, _end in messages:
             if self._skip_to_sync and mtype != P.F_SYNC:
                 continue
             if mtype == P.F_BIND:
@@ -252,7 +252,7 @@ class StatementTracker:
 
     def on_backend(self, messages: list[Captured], now: int) -> None:
         pending = self._pending
-        for mtype, body, _truncated, counted in messages:
+        for mtype, body, _truncated, counted, _end in messages:
             if mtype == P.B_PARAMETER_DESCRIPTION:
                 self._parameter_types(body)
                 continue

@@ -15,8 +15,11 @@ from typing import Annotated, Literal
 import msgspec
 
 __all__ = [
+    "AnalysisConfig",
+    "CatalogConfig",
     "Config",
     "ConfigError",
+    "IdentityConfig",
     "LogConfig",
     "MetricsConfig",
     "ServerConfig",
@@ -67,6 +70,33 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     flush_interval: Seconds = 0.005
 
 
+class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[identity]``: who may run statements, and how tokens are checked."""
+
+    require: Literal["verified", "any", "none"] = "none"
+    exempt_roles: list[str] = msgspec.field(default_factory=list)
+    hs256_secret_file: str | None = None
+    public_key_file: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+
+
+class CatalogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[catalog]``: where the analysis reads table and column definitions."""
+
+    enabled: bool = True
+    dsn: str = ""
+    password_file: str | None = None
+    refresh_interval: Seconds = 300.0
+
+
+class AnalysisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[analysis]``: the statement analysis cache."""
+
+    cache_size: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+
+
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[metrics]``: the Prometheus endpoint (off when ``listen`` is empty)."""
 
@@ -80,6 +110,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
+    catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
+    analysis: AnalysisConfig = msgspec.field(default_factory=AnalysisConfig)
 
 
 def parse_address(text: str, *, key: str) -> tuple[str, int]:
@@ -101,9 +134,19 @@ def _validate(config: Config, source: str) -> Config:
         ("server.tls_cert", config.server.tls_cert),
         ("server.tls_key", config.server.tls_key),
         ("upstream.tls_ca_file", config.upstream.tls_ca_file),
+        ("identity.hs256_secret_file", config.identity.hs256_secret_file),
+        ("identity.public_key_file", config.identity.public_key_file),
+        ("catalog.password_file", config.catalog.password_file),
     ):
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{source}: $.{key}: no such file {path!r}")
+    if config.identity.require == "verified" and not (
+        config.identity.hs256_secret_file or config.identity.public_key_file
+    ):
+        raise ConfigError(
+            f"{source}: $.identity.require = 'verified' needs $.identity.hs256_secret_file "
+            "or $.identity.public_key_file"
+        )
     if config.upstream.tls == "verify-full" and config.upstream.tls_ca_file is None:
         raise ConfigError(f"{source}: $.upstream.tls = 'verify-full' needs $.upstream.tls_ca_file")
     return config

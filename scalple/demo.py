@@ -77,23 +77,44 @@ def _workload(dsn_for: Any) -> tuple[str, str | None]:
         return row[0], row[1]
 
 
+def _touched(record: dict[str, Any]) -> str:
+    """``customers(email,id)`` for each relation the statement touched."""
+    columns = record.get("columns_accessed") or {}
+    parts = [
+        f"{table.removeprefix('public.')}({','.join(columns.get(table, []))})"
+        for table in record.get("affected_tables") or []
+    ]
+    return " ".join(parts) or "-"
+
+
 def _print_table(records: list[dict[str, Any]]) -> None:
-    width = max(80, min(shutil.get_terminal_size((120, 24)).columns, 160))
-    header = (
-        f"{'time':<15} {'person':<7} {'session':<9} {'command':<7} {'rows':>5} {'status':<6} query"
+    width = max(80, min(shutil.get_terminal_size((140, 24)).columns, 180))
+    layout = "{time:<15} {person:<6} {cls:<5} {command:<7} {rows:>4} {status:<11} {touched:<28} "
+    head = layout.format(
+        time="time (UTC)",
+        person="person",
+        cls="class",
+        command="command",
+        rows="rows",
+        status="status",
+        touched="tables(columns)",
     )
-    print(header)
-    print("-" * min(width, len(header) + 40))
+    print(head + "query")
+    print("-" * min(width, len(head) + 40))
     for r in records:
-        when = r["ts"][11:26]
-        person = r["session_user_id"] or "-"
-        rows = "" if r["rows"] is None else str(r["rows"])
         status = r["status"] if r["status"] == "ok" else f"{r['status']}:{r['sqlstate']}"
+        line = layout.format(
+            time=r["ts"][11:26],
+            person=r["session_user_id"] or "-",
+            cls=(r["statement_class"] or "-")[:5],
+            command=(r["command"] or "-")[:7],
+            rows="" if r["rows"] is None else r["rows"],
+            status=status,
+            touched=_touched(r)[:28],
+        )
         query = " ".join((r["query"] or "").split())
         if r["params"]:
             query += "  -- params " + ", ".join(str(p) for p in r["params"])
-        command = r["command"] or "-"
-        line = f"{when:<15} {person:<7} {r['session_id']:<9} {command:<7} {rows:>5} {status:<6} "
         room = max(10, width - len(line))
         print(line + (query if len(query) <= room else query[: room - 1] + "…"))
 
@@ -115,7 +136,17 @@ def run_demo(*, json_output: bool = False) -> int:
                 PgBouncer(pg, pool_mode="transaction", default_pool_size=2)
             )
         with _timed("starting Scalple in front of PgBouncer"):
-            proxy = stack.enter_context(ScalpleServer(f"{bouncer.host}:{bouncer.port}"))
+            # The catalog connection (for column analysis) logs in as the
+            # pool's role; its password comes from a file, never the config.
+            secret = pg.base_dir / "catalog-password"
+            secret.write_text("app_pass\n")
+            secret.chmod(0o600)
+            proxy = stack.enter_context(
+                ScalpleServer(
+                    f"{bouncer.host}:{bouncer.port}",
+                    config={"catalog": {"password_file": str(secret)}},
+                )
+            )
         _step(
             f"apps connect to Scalple at {proxy.host}:{proxy.port}"
             " with options=-c scalple.user_id=..."

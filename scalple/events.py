@@ -13,6 +13,8 @@ from typing import Literal
 
 import msgspec
 
+from scalple.identity.state import Identity
+
 __all__ = [
     "IdentitySource",
     "SessionClosed",
@@ -85,6 +87,8 @@ class StatementEvent(msgspec.Struct, gc=False):
     status: ``ok``, ``error``, or ``incomplete`` when the session ended
         before the statement's completion came back.
     in_transaction: the statement ran inside an explicit transaction block.
+    identity: the person in force for this statement (comment, SET LOCAL,
+        SET, startup or token; see scalple.identity.state).
     """
 
     session: SessionInfo
@@ -102,6 +106,7 @@ class StatementEvent(msgspec.Struct, gc=False):
     sqlstate: str | None
     status: StatementStatus
     in_transaction: bool
+    identity: Identity
 
 
 class SessionClosed(msgspec.Struct, frozen=True, gc=False):

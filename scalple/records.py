@@ -13,21 +13,21 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from scalple.events import (
-    SessionClosed,
-    SessionInfo,
-    SessionRejected,
-    StatementEvent,
-    monotonic_to_wall_ns,
-)
+from scalple.events import SessionClosed, SessionInfo, SessionRejected, StatementEvent
 
 __all__ = [
+    "AUDIT_FILE",
     "SessionRecord",
     "StatementRecord",
     "format_param",
     "rfc3339",
-    "to_record",
+    "statement_params",
+    "to_session_record",
 ]
+
+
+AUDIT_FILE = "audit.jsonl"
+"""The log file inside the log directory (the tamper-evident store replaces it)."""
 
 
 def rfc3339(wall_ns: int) -> str:
@@ -70,54 +70,75 @@ def format_param(value: bytes | bytearray | None, oid: int = 0) -> str | None:
     return "\\x" + value.hex()
 
 
-class StatementRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """One executed statement.
+class StatementRecord(msgspec.Struct, kw_only=True):
+    """One executed statement: the audit record.
+
+    The first 26 fields are the record format promised in
+    docs/audit-record.md, in that order; fields are only ever appended.
 
     Attributes
     ----------
-    kind: always ``statement``.
     ts: when the statement reached the proxy (RFC 3339 UTC, microseconds).
-    session_id, statement_id: the session and the statement's number in it.
-    session_user_id, session_email, identity_source: the person.
+    log_id: ``immutable-`` and the first 16 hex digits of the blake3 leaf
+        hash of the record's stored bytes (written without ``log_id``).
+    seq: position in this log, from 1, never reused.
+    session_user_id, session_email: the person.
+    identity_source: channel that named the person: ``startup``, ``set``,
+        ``comment``, ``token`` or ``none``.
+    identity_verified: a verified signed token named the person.
     db_role, database, application_name, client_addr: the connection.
-    protocol: ``simple``, ``extended`` or ``function``.
-    query: statement text (a multi-statement Query is stored whole, see
-        ``query_index``); None when the proxy never saw it prepared.
-    query_index: position of the statement within a multi-statement Query.
-    query_truncated: the text was cut at ``[log] capture_limit``.
-    params: bind parameters as text (binary ones as ``\\x`` hex).
-    command: first word of the command tag (``SELECT``, ``INSERT``, ...).
-    tag: the full command tag.
+    session_id, statement_id: the session, and the statement's number in it.
+    protocol: ``simple`` or ``extended`` (``function`` for FunctionCall).
+    statement_class: pgAudit's class: READ, WRITE, DDL, ROLE, FUNCTION, MISC.
+    command: SELECT, INSERT, CREATE TABLE, ...
+    query: this statement's text (one statement of a multi-statement Query).
+    query_fingerprint: pglast fingerprint, comments and constants ignored.
+    params: bind parameters as text (binary ones decoded by type).
+    affected_tables: schema-qualified relations, views and their base tables.
+    columns_accessed: relation -> columns read or written.
     rows: rows returned or affected.
-    status: ``ok``, ``error`` or ``incomplete``.
-    sqlstate: error code, for ``error`` and ``incomplete``.
+    status: ``ok`` or ``error`` (``incomplete`` when the session ended first).
+    sqlstate: error code; error messages are never stored (they can hold values).
     duration_us: from the request reaching the proxy to its completion.
     in_transaction: inside an explicit transaction block.
+    kind: always ``statement`` (session records share the log).
+    tag: the full command tag.
+    query_truncated: the text was cut at ``[log] capture_limit``.
+    identity_problem: why a presented identity was not used (expired token...).
+    analysis_notes: what analysis could not resolve, said explicitly.
     """
 
-    kind: str = "statement"
     ts: str
-    session_id: str
-    statement_id: int
+    log_id: str | None = None
+    seq: int = 0
     session_user_id: str | None
     session_email: str | None
     identity_source: str
+    identity_verified: bool
     db_role: str
     database: str
     application_name: str
     client_addr: str
+    session_id: str
+    statement_id: int
     protocol: str
-    query: str | None
-    query_index: int
-    query_truncated: bool
-    params: list[str | None] | None
+    statement_class: str | None
     command: str | None
-    tag: str | None
+    query: str | None
+    query_fingerprint: str | None
+    params: list[str | None] | None
+    affected_tables: list[str]
+    columns_accessed: dict[str, list[str]]
     rows: int | None
     status: str
     sqlstate: str | None
     duration_us: int
     in_transaction: bool
+    kind: str = "statement"
+    tag: str | None = None
+    query_truncated: bool = False
+    identity_problem: str | None = None
+    analysis_notes: list[str] = msgspec.field(default_factory=list)
 
 
 class SessionRecord(msgspec.Struct, kw_only=True):
@@ -125,6 +146,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
 
     kind: str  # session_open | session_close | session_reject
     ts: str
+    log_id: str | None = None
+    seq: int = 0
     session_id: str | None
     client_addr: str
     db_role: str | None
@@ -139,7 +162,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     sqlstate: str | None = None
 
 
-def _params(event: StatementEvent) -> list[str | None] | None:
+def statement_params(event: StatementEvent) -> list[str | None] | None:
+    """The event's bind parameters rendered as text."""
     if not event.params:
         return None
     types = event.param_types
@@ -165,37 +189,8 @@ def _session_open(info: SessionInfo) -> SessionRecord:
     )
 
 
-def to_record(
-    event: StatementEvent | SessionInfo | SessionClosed | SessionRejected,
-) -> StatementRecord | SessionRecord:
-    """The record for one event; the only place events become records."""
-    if isinstance(event, StatementEvent):
-        s = event.session
-        tag = event.tag.decode("ascii", "replace") if event.tag is not None else None
-        return StatementRecord(
-            ts=rfc3339(monotonic_to_wall_ns(event.started_ns)),
-            session_id=s.session_id,
-            statement_id=event.statement_id,
-            session_user_id=s.user_id,
-            session_email=s.email,
-            identity_source=s.identity_source,
-            db_role=s.db_role,
-            database=s.database,
-            application_name=s.application_name,
-            client_addr=s.client_addr,
-            protocol=event.protocol,
-            query=event.query.decode("utf-8", "replace") if event.query is not None else None,
-            query_index=event.query_index,
-            query_truncated=event.query_truncated,
-            params=_params(event),
-            command=tag.split(" ", 1)[0] if tag else None,
-            tag=tag,
-            rows=event.rows,
-            status=event.status,
-            sqlstate=event.sqlstate,
-            duration_us=max(0, (event.ended_ns - event.started_ns) // 1000),
-            in_transaction=event.in_transaction,
-        )
+def to_session_record(event: SessionInfo | SessionClosed | SessionRejected) -> SessionRecord:
+    """The record for a session event."""
     if isinstance(event, SessionInfo):
         return _session_open(event)
     if isinstance(event, SessionClosed):

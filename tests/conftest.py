@@ -61,17 +61,30 @@ def proxy_factory() -> Iterator[ProxyFactory]:
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def catalog_password(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The password file the proxy's catalog connection (as app_user) reads."""
+    path = tmp_path_factory.mktemp("secrets") / "catalog-password"
+    path.write_text("app_pass\n")
+    path.chmod(0o600)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
-def proxy_bouncer(bouncer: PgBouncer) -> Iterator[ScalpleServer]:
-    server = ScalpleServer(f"{bouncer.host}:{bouncer.port}")
+def proxy_bouncer(bouncer: PgBouncer, catalog_password: str) -> Iterator[ScalpleServer]:
+    server = ScalpleServer(
+        f"{bouncer.host}:{bouncer.port}", config={"catalog": {"password_file": catalog_password}}
+    )
     server.start()
     yield server
     server.cleanup()
 
 
 @pytest.fixture(scope="module")
-def proxy_direct(pg: PostgresCluster) -> Iterator[ScalpleServer]:
-    server = ScalpleServer(f"{pg.host}:{pg.port}")
+def proxy_direct(pg: PostgresCluster, catalog_password: str) -> Iterator[ScalpleServer]:
+    server = ScalpleServer(
+        f"{pg.host}:{pg.port}", config={"catalog": {"password_file": catalog_password}}
+    )
     server.start()
     yield server
     server.cleanup()

@@ -129,24 +129,25 @@ def test_multi_statement_simple_query_is_matched_per_statement(route: Route) -> 
         f"update {marker} set a = a + 1 where a > 1; select * from {marker}",
     )
     records = only(mine(route, marker, 4), marker)
-    assert [(r["query_index"], r["tag"], r["rows"]) for r in records] == [
-        (0, "CREATE TABLE", None),
-        (1, "INSERT 0 3", 3),
-        (2, "UPDATE 2", 2),
-        (3, "SELECT 3", 3),
+    assert [(r["query"], r["tag"], r["rows"]) for r in records] == [
+        (f"create temp table {marker}(a int)", "CREATE TABLE", None),
+        (f"insert into {marker} values (1),(2),(3)", "INSERT 0 3", 3),
+        (f"update {marker} set a = a + 1 where a > 1", "UPDATE 2", 2),
+        (f"select * from {marker}", "SELECT 3", 3),
     ]
+    assert [r["statement_id"] for r in records] == sorted(r["statement_id"] for r in records)
 
 
 def test_error_in_multi_statement_query_ends_it(route: Route) -> None:
     marker = tag()
     with psycopg.connect(route.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.DivisionByZero):
-            conn.execute(f"select 1 as {marker}; select 1/0; select 2")
+            conn.execute(f"select 1 as {marker}; select 1/0 as {marker}; select 2 as {marker}")
         conn.execute("select 1")  # the session goes on
     records = only(mine(route, marker, 2), marker)
-    assert [(r["query_index"], r["status"], r["sqlstate"]) for r in records] == [
-        (0, "ok", None),
-        (1, "error", "22012"),
+    assert [(r["query"], r["status"], r["sqlstate"]) for r in records] == [
+        (f"select 1 as {marker}", "ok", None),
+        (f"select 1/0 as {marker}", "error", "22012"),
     ]
 
 

@@ -26,6 +26,7 @@ from scalple import protocol as P
 from scalple._wire import MessageScanner, ProtocolViolation
 from scalple.events import SessionClosed, SessionInfo, SessionRejected
 from scalple.identity.startup import extract_identity
+from scalple.identity.state import IdentityState
 from scalple.proxy.tls import ALPN_POSTGRESQL, TlsTerminator
 from scalple.proxy.upstream import UpstreamError
 from scalple.session.tracker import StatementTracker
@@ -348,7 +349,11 @@ class ClientLink(asyncio.Protocol):
             config.server.max_message_size,
             config.log.capture_limit,
         )
-        self._tracker = StatementTracker(self._session, self._proxy.sink.submit)
+        self._tracker = StatementTracker(
+            self._session,
+            self._proxy.sink.submit,
+            IdentityState(identity, self._proxy.token_verifier),
+        )
         self._set_phase(Phase.CONNECTING)
         if self._preamble:
             self._held = [bytes(self._preamble)]

@@ -16,6 +16,7 @@ import time
 
 from scalple.config import Config, parse_address
 from scalple.events import resync_clock
+from scalple.identity.token import TokenVerifier
 from scalple.proxy.link import ClientLink, Pause, Phase
 from scalple.proxy.tls import server_context
 from scalple.proxy.upstream import UpstreamConnector, UpstreamError
@@ -56,6 +57,7 @@ class Proxy:
         self.tls_cert_der = (
             _first_certificate_der(config.server.tls_cert) if self.tls_context else None
         )
+        self.token_verifier = _token_verifier(config)
         self.links: set[ClientLink] = set()
         self.shutting_down = False
         # Counters read by the metrics collector at scrape time.
@@ -181,3 +183,16 @@ class _CloseWaiter(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed.done():
             self._closed.set_result(None)
+
+
+def _token_verifier(config: Config) -> TokenVerifier | None:
+    ident = config.identity
+    if not (ident.hs256_secret_file or ident.public_key_file):
+        return None
+    return TokenVerifier(
+        hs256_secret_file=ident.hs256_secret_file,
+        public_key_file=ident.public_key_file,
+        audience=ident.audience,
+        issuer=ident.issuer,
+        leeway=ident.leeway,
+    )

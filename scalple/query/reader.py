@@ -11,9 +11,9 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["LogReader", "parse_time"]
+from scalple.records import AUDIT_FILE
 
-AUDIT_FILE = "audit.jsonl"
+__all__ = ["LogReader", "parse_time"]
 
 _decoder = msgspec.json.Decoder()
 

@@ -23,6 +23,7 @@ The protocol rules it relies on:
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
@@ -37,6 +38,7 @@ from scalple._wire import (
     parse_parse,
 )
 from scalple.events import SessionInfo, StatementEvent, StatementStatus, WireProtocol
+from scalple.identity.state import IdentityState
 
 if TYPE_CHECKING:
     from scalple._wire import Captured
@@ -65,6 +67,12 @@ _PROTOCOL_OF: Final[dict[Kind, WireProtocol]] = {
 _ROW_COMMANDS: Final = frozenset(
     {b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"COPY", b"FETCH", b"MOVE"}
 )
+# Statements that may carry or change an identity: a sqlcommenter comment,
+# SET / set_config of scalple.* (its name may be a bind parameter), RESET,
+# DISCARD. PostgreSQL folds unquoted
+# names, so the test is case-insensitive. Everything else skips the identity
+# parsers entirely.
+_IDENTITY_HINT: Final = re.compile(rb"(?i)scalple\.|reset|discard|set_config")
 _OPENS_TX: Final = (b"BEGIN", b"START TRANSACTION")
 _CLOSES_TX: Final = (b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION")
 
@@ -127,21 +135,32 @@ class StatementTracker:
     __slots__ = (
         "_describes",
         "_emit",
+        "_identity",
         "_in_tx",
         "_pending",
         "_portals",
         "_prepared",
+        "_rolled_back",
         "_skip_to_sync",
         "_syncs_answered",
         "_syncs_sent",
+        "_tx_error",
         "session",
         "statements",
         "terminated",
     )
 
-    def __init__(self, session: SessionInfo, emit: Callable[[StatementEvent], None]) -> None:
+    def __init__(
+        self,
+        session: SessionInfo,
+        emit: Callable[[StatementEvent], None],
+        identity: IdentityState,
+    ) -> None:
         self.session = session
         self._emit = emit
+        self._identity = identity
+        self._tx_error = False  # an error since the last idle ReadyForQuery
+        self._rolled_back = False
         self._prepared: dict[bytes, tuple[bytes, bool, tuple[int, ...]]] = {}
         self._portals: dict[bytes, Portal] = {}
         self._pending: deque[Request] = deque()
@@ -331,6 +350,7 @@ class StatementTracker:
 
     def _error(self, head: Request, body: bytes, counted: int, now: int) -> None:
         sqlstate = P.parse_error_fields(body).get("C", "XX000")
+        self._tx_error = True
         if head.kind == Kind.QUERY or head.kind == Kind.FUNCTION:
             if not head.failed:
                 head.failed = True
@@ -370,6 +390,12 @@ class StatementTracker:
     def _ready(self, body: bytes) -> None:
         status = body[:1]
         self._in_tx = status != b"I"
+        if status == b"I":
+            committed = not (self._tx_error or self._rolled_back)
+            self._tx_error = self._rolled_back = False
+            self._identity.transaction_ended(committed)
+        elif status == b"E":
+            self._tx_error = True
         if status == b"I" and self._portals:
             # Portals end with their transaction.
             for portal in self._portals.values():
@@ -382,6 +408,8 @@ class StatementTracker:
             self._in_tx = True
         elif tag.startswith(_CLOSES_TX):
             self._in_tx = False
+            if command == b"ROLLBACK":
+                self._rolled_back = True
 
     def _finish_suspended(self, portal: Portal) -> None:
         """A portal closed before running to completion: record what it returned."""
@@ -420,8 +448,17 @@ class StatementTracker:
         if portal is not None:
             query, truncated, params = portal.query, portal.truncated, portal.params
             types = portal.param_types
+            index: int | None = None
         else:
             query, truncated, params, types = request.query, request.truncated, None, ()
+            index = request.index if protocol == "simple" else None
+        state = self._identity
+        text: str | None = None
+        if query is not None and _IDENTITY_HINT.search(query) is not None:
+            text = query.decode("utf-8", "replace")
+        identity = state.for_statement(text, index)
+        if text is not None and status == "ok":
+            state.statement_succeeded(text, index or 0, params)
         self._emit(
             StatementEvent(
                 session=self.session,
@@ -439,5 +476,6 @@ class StatementTracker:
                 sqlstate=sqlstate,
                 status=status,
                 in_transaction=self._in_tx,
+                identity=identity,
             )
         )

@@ -17,17 +17,45 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import msgspec
 
 from scalple.events import StatementEvent
-from scalple.records import to_record
+from scalple.records import AUDIT_FILE, SessionRecord, StatementRecord, to_session_record
 from scalple.sink.base import Event
+from scalple.sink.enrich import Enricher
 
-__all__ = ["JsonLinesSink"]
+__all__ = ["JsonLinesSink", "last_seq"]
 
 log = logging.getLogger(__name__)
 
-AUDIT_FILE = "audit.jsonl"
+_LEAF_PREFIX = b"\x00"  # RFC 9162 leaf domain separation
+
+
+def last_seq(path: Path) -> int:
+    """The ``seq`` of the last whole record in ``path`` (0 when none).
+
+    A torn last line (a crash mid-write) is skipped: sequence numbers are
+    never reused, so the writer continues after the last whole record.
+    """
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - (1 << 16)))
+            tail = handle.read()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(tail.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            record = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("seq"), int):
+            return int(record["seq"])
+    return 0
 
 
 class JsonLinesSink:
@@ -37,11 +65,14 @@ class JsonLinesSink:
         self,
         log_dir: str | Path,
         *,
+        enricher: Enricher,
         max_pending: int = 100_000,
         flush_interval: float = 0.005,
     ) -> None:
         self.path = Path(log_dir) / AUDIT_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._enricher = enricher
+        self._seq = last_seq(self.path)
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned by the thread
         self._pending: list[Event] = []
         self._max_pending = max_pending
@@ -96,7 +127,7 @@ class JsonLinesSink:
         batch, self._pending = self._pending, []  # atomic swap under the GIL
         if not batch:
             return
-        data = self._encoder.encode_lines([to_record(e) for e in batch])
+        data = self._encode(batch)
         while True:
             try:
                 self._file.write(data)
@@ -123,6 +154,29 @@ class JsonLinesSink:
             self.congested = False
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._on_drained)
+
+    def _encode(self, batch: list[Event]) -> bytes:
+        """Records for a batch, each with its seq and its leaf-hash log_id."""
+        encode = self._encoder.encode
+        lines: list[bytes] = []
+        for event in batch:
+            record: StatementRecord | SessionRecord
+            if type(event) is StatementEvent:
+                try:
+                    record = self._enricher.record(event)
+                except Exception:
+                    # Never lose the statement: fall back to what the relay saw.
+                    log.exception("building the record failed; writing it without analysis")
+                    record = self._enricher.bare_record(event)
+            else:
+                record = to_session_record(event)  # type: ignore[arg-type]
+            self._seq += 1
+            record.seq = self._seq
+            digest = blake3.blake3(_LEAF_PREFIX + encode(record)).hexdigest()
+            record.log_id = "immutable-" + digest[:16]
+            lines.append(encode(record))
+        lines.append(b"")
+        return b"\n".join(lines)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until what was submitted so far is written (tests, shutdown)."""

@@ -1,0 +1,164 @@
+"""From what the relay saw to the audit record: split, analyse, attribute.
+
+Runs on the writer's thread.  The relay hands over raw statement events
+(bytes, monotonic times, the identity in force); here a multi-statement Query
+is split so each record holds its own statement, the statement is analysed
+through the fingerprint cache against the database's catalog snapshot, and
+the record is assembled.  DDL that succeeded marks the catalog stale so the
+next statement sees the new shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from typing import Final
+
+from scalple.analysis.cache import AnalysisCache
+from scalple.analysis.provider import CatalogProvider
+from scalple.analysis.sql import StatementAnalysis, split_statements
+from scalple.events import StatementEvent, monotonic_to_wall_ns
+from scalple.records import StatementRecord, rfc3339, statement_params
+
+__all__ = ["REDACTED_TOKEN", "Enricher", "redact_tokens"]
+
+log = logging.getLogger(__name__)
+
+_SPLIT_CACHE_SIZE: Final = 2048
+_FUNCTION_CALL: Final = StatementAnalysis(
+    command="FUNCTION CALL",
+    statement_class="FUNCTION",
+    affected_tables=[],
+    columns_accessed={},
+    unresolved=["fast-path function call: the function's body is not analyzed"],
+    fingerprint="function-call",
+)
+
+
+# A JWT (header.payload.signature, base64url; the header always starts with
+# '{"' = "eyJ"). Tokens are credentials: they never reach the log.
+_JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+REDACTED_TOKEN: Final = "[token redacted]"
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with every JWT-shaped string replaced."""
+    return _JWT.sub(REDACTED_TOKEN, text) if "eyJ" in text else text
+
+
+def _tag_command(tag: str) -> str:
+    """``INSERT 0 5`` -> ``INSERT``; ``CREATE TABLE`` stays."""
+    return " ".join(word for word in tag.split() if not word.isdigit())
+
+
+class Enricher:
+    """Builds statement records; owns the analysis cache and the catalogs."""
+
+    def __init__(self, cache: AnalysisCache, catalogs: CatalogProvider | None) -> None:
+        self.cache = cache
+        self.catalogs = catalogs
+        self._splits: OrderedDict[str, list[str]] = OrderedDict()
+        self.failures = 0
+
+    def _statement_text(self, text: str, index: int) -> str:
+        """Statement ``index`` of a simple Query string."""
+        body = text.rstrip().rstrip(";")
+        if index == 0 and ";" not in body:
+            return text.strip()  # one statement: the common case, no scan
+        parts = self._splits.get(text)
+        if parts is None:
+            parts = split_statements(text)
+            self._splits[text] = parts
+            if len(self._splits) > _SPLIT_CACHE_SIZE:
+                self._splits.popitem(last=False)
+        return parts[index] if index < len(parts) else text
+
+    def _analyse(
+        self, event: StatementEvent, text: str | None
+    ) -> tuple[StatementAnalysis | None, list[str]]:
+        if event.protocol == "function":
+            return _FUNCTION_CALL, list(_FUNCTION_CALL.unresolved)
+        if text is None:
+            return None, ["statement text not seen by the proxy (prepared before it or elsewhere)"]
+        session = event.session
+        notes: list[str] = []
+        catalog = None
+        if self.catalogs is not None:
+            catalog, unavailable = self.catalogs.get(session.database, session.db_role)
+            if unavailable:
+                notes.append(unavailable)
+        try:
+            analysis = self.cache.analyze_cached(text, catalog)
+        except Exception as exc:  # analysis must never cost a record
+            self.failures += 1
+            log.exception("analysis failed for a statement of session %s", session.session_id)
+            return None, [*notes, f"analysis failed: {type(exc).__name__}"]
+        if (
+            analysis.statement_class in ("DDL", "ROLE")
+            and event.status == "ok"
+            and self.catalogs is not None
+        ):
+            self.catalogs.invalidate(session.database)
+        return analysis, [*notes, *analysis.unresolved]
+
+    def record(self, event: StatementEvent) -> StatementRecord:
+        """The full record: this statement's text, analysis and identity."""
+        raw = event.query.decode("utf-8", "replace") if event.query is not None else None
+        text = raw
+        if raw is not None and event.protocol == "simple":
+            text = self._statement_text(raw, event.query_index)
+        analysis, notes = self._analyse(event, text)
+        return self._build(event, text, analysis, notes)
+
+    def bare_record(self, event: StatementEvent) -> StatementRecord:
+        """A record without analysis, when building the full one failed."""
+        text = event.query.decode("utf-8", "replace") if event.query is not None else None
+        return self._build(event, text, None, ["record written without analysis (internal error)"])
+
+    def _build(
+        self,
+        event: StatementEvent,
+        text: str | None,
+        analysis: StatementAnalysis | None,
+        notes: list[str],
+    ) -> StatementRecord:
+        session = event.session
+        identity = event.identity
+        params = statement_params(event)
+        if text is not None:
+            text = redact_tokens(text)
+        if params:
+            params = [redact_tokens(p) if p is not None else None for p in params]
+        tag = event.tag.decode("ascii", "replace") if event.tag is not None else None
+        command = _tag_command(tag) if tag else (analysis.command if analysis else None)
+        return StatementRecord(
+            ts=rfc3339(monotonic_to_wall_ns(event.started_ns)),
+            session_user_id=identity.user_id,
+            session_email=identity.email,
+            identity_source=identity.source,
+            identity_verified=identity.verified,
+            db_role=session.db_role,
+            database=session.database,
+            application_name=session.application_name,
+            client_addr=session.client_addr,
+            session_id=session.session_id,
+            statement_id=event.statement_id,
+            protocol=event.protocol,
+            statement_class=analysis.statement_class if analysis else None,
+            command=command,
+            query=text,
+            query_fingerprint=analysis.fingerprint if analysis else None,
+            params=params,
+            affected_tables=list(analysis.affected_tables) if analysis else [],
+            columns_accessed=dict(analysis.columns_accessed) if analysis else {},
+            rows=event.rows,
+            status=event.status,
+            sqlstate=event.sqlstate,
+            duration_us=max(0, (event.ended_ns - event.started_ns) // 1000),
+            in_transaction=event.in_transaction,
+            tag=tag,
+            query_truncated=event.query_truncated,
+            identity_problem=identity.problem,
+            analysis_notes=notes,
+        )

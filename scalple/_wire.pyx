@@ -84,6 +84,7 @@ cdef class MessageScanner:
         bytearray _body               # captured part of a body split across chunks
         Py_ssize_t _counted
         long long _offset             # bytes consumed since creation
+        Py_ssize_t _start             # offset in the last chunk where the unfinished message began (-1: earlier)
         readonly long long messages   # whole messages seen since creation
 
     def __cinit__(self):
@@ -92,6 +93,7 @@ cdef class MessageScanner:
         self._capturing = False
         self._counted = 0
         self._offset = 0
+        self._start = -1
         self.messages = 0
         self._body = None
 
@@ -125,6 +127,25 @@ cdef class MessageScanner:
     @property
     def offset(self):
         return self._offset
+
+    @property
+    def pending_type(self):
+        """Type byte of the message the last chunk ended inside, or -1.
+
+        With :attr:`pending_start`, lets a caller hold back an unfinished
+        message it may have to rewrite instead of forwarding half of it.
+        """
+        if self._remaining:
+            return self._type
+        if self._header_len:
+            return self._header[0]
+        return -1
+
+    @property
+    def pending_start(self):
+        """Offset in the last chunk where the unfinished message began; -1
+        when it began in an earlier chunk or when there is none."""
+        return self._start if self.pending_type != -1 else -1
 
     def reconfigure(self, bytes capture, bytes count=b""):
         """Change which types are captured or counted (legal types stay)."""
@@ -175,9 +196,11 @@ cdef class MessageScanner:
         cdef list out = None
         cdef long long base = self._offset
 
+        self._start = -1
         while pos < size:
             if self._remaining == 0 and self._header_len == 0 and size - pos >= 5:
                 # Fast path: a whole header is in this chunk.
+                self._start = pos
                 self._start_message(buf + pos, base + pos)
                 pos += 5
                 if self._remaining == 0:
@@ -204,6 +227,8 @@ cdef class MessageScanner:
                     self._body = bytearray()
             elif self._remaining == 0:
                 # A header split across chunks: collect its 5 bytes.
+                if self._header_len == 0:
+                    self._start = pos
                 take = 5 - self._header_len
                 if take > size - pos:
                     take = size - pos

@@ -29,6 +29,8 @@ _AUDIT_FILE = "audit.jsonl"
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -120,7 +122,8 @@ class ScalpleServer:
         except FileNotFoundError:
             return []
         out = []
-        for line in data.splitlines():
+        # The last piece is empty, or a line the writer is still appending.
+        for line in data.split(b"\n")[:-1]:
             if not line:
                 continue
             record = msgspec.json.decode(line)

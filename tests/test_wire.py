@@ -89,6 +89,20 @@ def test_not_at_boundary_mid_message() -> None:
     scanner = backend()
     scanner.feed(RESULT[:9])
     assert not scanner.at_boundary
+    assert scanner.pending_type == ord("T") and scanner.pending_start == 0
+
+
+def test_pending_message_position() -> None:
+    scanner = backend()
+    scanner.feed(RESULT[:30])  # RowDescription whole, a DataRow begun at 27
+    assert (scanner.pending_type, scanner.pending_start) == (ord("D"), 27)
+    scanner.feed(RESULT[30:32])  # still inside that DataRow: it began earlier
+    assert (scanner.pending_type, scanner.pending_start) == (ord("D"), -1)
+    scanner.feed(RESULT[32:])
+    assert (scanner.pending_type, scanner.pending_start) == (-1, -1)
+    split_header = backend()
+    split_header.feed(RESULT[:29])  # two bytes of the DataRow header
+    assert (split_header.pending_type, split_header.pending_start) == (ord("D"), 27)
 
 
 def test_capture_limit_truncates_but_frames_correctly() -> None:

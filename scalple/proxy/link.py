@@ -26,7 +26,7 @@ from scalple import protocol as P
 from scalple._wire import MessageScanner, ProtocolViolation
 from scalple.events import SessionClosed, SessionInfo, SessionRejected
 from scalple.identity.startup import extract_identity
-from scalple.identity.state import IdentityState
+from scalple.identity.state import IdentityState, Requirement
 from scalple.proxy.tls import ALPN_POSTGRESQL, TlsTerminator
 from scalple.proxy.upstream import UpstreamError
 from scalple.session.tracker import StatementTracker
@@ -45,6 +45,27 @@ _monotonic_ns = time.monotonic_ns
 _TERMINATE: Final = b"X\x00\x00\x00\x04"
 _AUTH_MESSAGE_LIMIT: Final = 1 << 20  # no authentication message is near this
 _HELD_LIMIT: Final = 1 << 20  # client bytes buffered while the upstream connects
+
+# [identity] require: a refused statement is rewritten so that the server
+# itself fails it (a function or portal that cannot exist), which keeps
+# responses in order and lets the server skip the rest of a pipeline as it
+# would after any error; the resulting error is rewritten into 28000.
+_REFUSAL_MARK: Final = b"scalple: statement refused"
+_REFUSED_QUERY: Final = P.build_message(b"Q", b'SELECT pg_catalog."' + _REFUSAL_MARK + b'"()\0')
+_REFUSED_EXECUTE: Final = P.build_message(b"E", _REFUSAL_MARK + b"\0\0\0\0\0")
+_CHECKED_TYPES: Final = (P.F_QUERY, P.F_EXECUTE)
+_HOW_TO_IDENTIFY: Final = {
+    "any": (
+        "statement refused: no identity. Name the person with options=-c scalple.user_id=ID "
+        "in the connection string, a sqlcommenter comment /*scalple.user_id='ID'*/, "
+        "or SET LOCAL scalple.user_id = 'ID'"
+    ),
+    "verified": (
+        "statement refused: no verified identity. Pass a signed token as scalple.token: "
+        "options=-c scalple.token=JWT, a comment /*scalple.token='JWT'*/ "
+        "or SET LOCAL scalple.token = 'JWT'"
+    ),
+}
 
 
 class Phase(IntEnum):
@@ -97,6 +118,9 @@ class ClientLink(asyncio.Protocol):
         self._up_write: Callable[[bytes], object] = _discard
         self._fast = False  # READY or AUTHENTICATING without TLS: inline relay
         self._paused = 0
+        self._require: Requirement | None = None  # set when [identity] require applies
+        self._partial = b""  # an unfinished Query/Execute held back for checking
+        self.refusals = 0  # refused statements whose server error is still to come
         self._timer: asyncio.TimerHandle | None = None
         self.draining = False
         self._cancelling = False
@@ -234,9 +258,81 @@ class ClientLink(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._violation(exc)
             return
+        if self._require is not None:
+            self._relay_checked(data, captured)
+            return
         self._up_write(data)
         if captured is not None:
             self._observe_frontend(captured)
+
+    def _relay_checked(self, data: bytes, captured: list[Captured] | None) -> None:
+        """Forward under ``[identity] require``: refuse before forwarding.
+
+        The tracker sees the messages first and names the statements without
+        an acceptable identity; those are rewritten in place.  A Query or
+        Execute that is not complete yet is held back until it is.
+        """
+        assert self._tracker is not None and self._scanner is not None
+        held = self._partial
+        chunk = held + data if held else data
+        shift = len(held)
+        cut = len(chunk)
+        if self._scanner.pending_type in _CHECKED_TYPES:
+            start = self._scanner.pending_start
+            cut = shift + start if start >= 0 else 0
+        self._partial = chunk[cut:]
+        refused: list[int] | None = None
+        if captured is not None:
+            try:
+                refused = self._tracker.on_frontend(captured, _monotonic_ns(), self._require)
+            except Exception:
+                # The identity check is a gate: when it fails, fail closed.
+                log.exception("client %s: identity check failed; closing", self.client_addr)
+                self._close(
+                    "identity check failed",
+                    P.build_error(P.SQLSTATE_INVALID_AUTHORIZATION, "identity check failed"),
+                    sqlstate=P.SQLSTATE_INVALID_AUTHORIZATION,
+                )
+                return
+        head = chunk[:cut]
+        if refused:
+            assert captured is not None
+            replacements: list[tuple[int, int, bytes]] = []
+            for position in refused:
+                mtype, body, truncated, _counted, end = captured[position]
+                if truncated:
+                    self._close(
+                        "refused statement too large to rewrite",
+                        P.build_error(
+                            P.SQLSTATE_INVALID_AUTHORIZATION,
+                            _HOW_TO_IDENTIFY[self._require or "any"],
+                        ),
+                        sqlstate=P.SQLSTATE_INVALID_AUTHORIZATION,
+                    )
+                    return
+                end += shift
+                replacement = _REFUSED_QUERY if mtype == P.F_QUERY else _REFUSED_EXECUTE
+                replacements.append((end - 5 - len(body), end, replacement))
+            head = _splice(head, replacements)
+            self.refusals += len(refused)
+        if head:
+            self._up_write(head)
+
+    def rewrite_refusals(self, data: bytes, captured: list[Captured]) -> bytes:
+        """Turn the server's error for a rewritten statement into 28000."""
+        replacements: list[tuple[int, int, bytes]] = []
+        for mtype, body, _truncated, _counted, end in captured:
+            if mtype == P.B_ERROR and _REFUSAL_MARK in body and self.refusals:
+                self.refusals -= 1
+                start = end - 5 - len(body)
+                if start < 0:
+                    continue  # began in an earlier chunk, already forwarded: leave it
+                require = self._require or "any"
+                error = P.build_error(
+                    P.SQLSTATE_INVALID_AUTHORIZATION, _HOW_TO_IDENTIFY[require], severity="ERROR"
+                )
+                replacements.append((start, end, error))
+        return _splice(data, replacements) if replacements else data
 
     def _read_preamble(self) -> None:
         buf = self._preamble
@@ -354,6 +450,9 @@ class ClientLink(asyncio.Protocol):
             self._proxy.sink.submit,
             IdentityState(identity, self._proxy.token_verifier),
         )
+        rules = config.identity
+        if rules.require != "none" and user not in rules.exempt_roles:
+            self._require = rules.require
         self._set_phase(Phase.CONNECTING)
         if self._preamble:
             self._held = [bytes(self._preamble)]
@@ -392,7 +491,7 @@ class ClientLink(asyncio.Protocol):
             if self.closed:
                 return
         self.resume(Pause.HELD)
-        self._fast = self._tls is None
+        self._fast = self._tls is None and self._require is None
 
     def session_ready(self) -> None:
         """The upstream sent its first ReadyForQuery: authentication is done."""
@@ -576,9 +675,12 @@ class ServerLink(asyncio.Protocol):
                     f"upstream protocol violation: {exc}", at_boundary=False
                 )
                 return
-            self._client._write(data)
+            client = self._client
+            if captured is not None and client.refusals:
+                data = client.rewrite_refusals(data, captured)
+            client._write(data)
             if captured is not None:
-                self._client.observe_backend(captured)
+                client.observe_backend(captured)
             return
         self._authenticating(data)
 
@@ -651,3 +753,15 @@ class ServerLink(asyncio.Protocol):
 
 def _discard(data: bytes) -> None:
     """Writer of a link side that is not connected (yet)."""
+
+
+def _splice(data: bytes, replacements: list[tuple[int, int, bytes]]) -> bytes:
+    """``data`` with each ``(start, end)`` range, in order, replaced."""
+    pieces: list[bytes] = []
+    pos = 0
+    for start, end, replacement in replacements:
+        pieces.append(data[pos:start])
+        pieces.append(replacement)
+        pos = end
+    pieces.append(data[pos:])
+    return b"".join(pieces)

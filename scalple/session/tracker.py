@@ -37,8 +37,10 @@ from scalple._wire import (
     parse_execute,
     parse_parse,
 )
+from scalple.analysis.sql import split_statements
 from scalple.events import SessionInfo, StatementEvent, StatementStatus, WireProtocol
-from scalple.identity.state import IdentityState
+from scalple.identity.settings import identity_changes
+from scalple.identity.state import Identity, IdentityState, Requirement
 
 if TYPE_CHECKING:
     from scalple._wire import Captured
@@ -73,6 +75,12 @@ _ROW_COMMANDS: Final = frozenset(
 # names, so the test is case-insensitive. Everything else skips the identity
 # parsers entirely.
 _IDENTITY_HINT: Final = re.compile(rb"(?i)scalple\.|reset|discard|set_config")
+# Statements that touch no data: allowed without an identity under
+# [identity] require (they are how a client sets one, or manage its session).
+_ALWAYS_ALLOWED: Final = re.compile(
+    r"(?is)\A\s*(?:begin|commit|rollback|end|abort|start\s+transaction|savepoint|release"
+    r"|set|reset|show|discard|deallocate|listen|unlisten)\b"
+)
 _OPENS_TX: Final = (b"BEGIN", b"START TRANSACTION")
 _CLOSES_TX: Final = (b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION")
 
@@ -80,7 +88,16 @@ _CLOSES_TX: Final = (b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION")
 class Portal:
     """A bound portal: the statement text and parameters it runs."""
 
-    __slots__ = ("param_types", "params", "query", "rows", "started_ns", "suspended", "truncated")
+    __slots__ = (
+        "identity",
+        "param_types",
+        "params",
+        "query",
+        "rows",
+        "started_ns",
+        "suspended",
+        "truncated",
+    )
 
     def __init__(
         self,
@@ -96,12 +113,26 @@ class Portal:
         self.rows = 0  # rows returned by earlier Executes that ended suspended
         self.started_ns = 0  # start of the first Execute of this portal
         self.suspended = False
+        # The person in force when the portal first ran: a suspended portal is
+        # recorded when it finishes, maybe after the transaction (and a SET
+        # LOCAL identity) ended.
+        self.identity: Identity | None = None
 
 
 class Request:
     """A request the server has not finished answering."""
 
-    __slots__ = ("failed", "index", "kind", "portal", "query", "started_ns", "truncated")
+    __slots__ = (
+        "failed",
+        "index",
+        "kind",
+        "portal",
+        "query",
+        "refused",
+        "sets_identity",
+        "started_ns",
+        "truncated",
+    )
 
     def __init__(
         self,
@@ -118,6 +149,8 @@ class Request:
         self.portal = portal
         self.index = 0  # statement position within a simple Query
         self.failed = False  # an error ended the Query; later completions are not ours
+        self.refused = False  # [identity] require refused it; the proxy rewrote it
+        self.sets_identity = False  # it sets scalple.*: what follows it may run
 
 
 def _tag_rows(tag: bytes) -> int | None:
@@ -181,14 +214,29 @@ class StatementTracker:
 
     # -- client to server ----------------------------------------------------
 
-    def on_frontend(self, messages: list[Captured], now: int) -> None:
-        for mtype, body, truncated, _counted, _end in messages:
+    def on_frontend(
+        self, messages: list[Captured], now: int, require: Requirement | None = None
+    ) -> list[int] | None:
+        """Track what the client sent.
+
+        With ``require`` (``[identity] require`` applies to this session),
+        decide before the chunk is forwarded which statements have no
+        acceptable identity: their positions in ``messages`` are returned
+        and the proxy rewrites them so that the server refuses them.
+        """
+        refused: list[int] | None = None
+        for position, (mtype, body, truncated, _counted, _end) in enumerate(messages):
             if self._skip_to_sync and mtype != P.F_SYNC:
                 continue
             if mtype == P.F_BIND:
                 self._bind(body, truncated)
             elif mtype == P.F_EXECUTE:
-                self._execute(body, now)
+                request = self._execute(body, now)
+                if require is not None and request is not None:
+                    query = request.portal.query if request.portal is not None else None
+                    if self._refuse(request, query, require):
+                        refused = refused or []
+                        refused.append(position)
             elif mtype == P.F_SYNC:
                 self._skip_to_sync = False
                 self._syncs_sent += 1
@@ -198,7 +246,11 @@ class StatementTracker:
                     self._describes.append((body[1:].partition(b"\0")[0], self._syncs_sent))
             elif mtype == P.F_QUERY:
                 query = body[:-1] if body.endswith(b"\0") else body
-                self._pending.append(Request(Kind.QUERY, now, query, truncated))
+                request = Request(Kind.QUERY, now, query, truncated)
+                self._pending.append(request)
+                if require is not None and self._refuse(request, query, require):
+                    refused = refused or []
+                    refused.append(position)
             elif mtype == P.F_PARSE:
                 self._parse(body, truncated)
             elif mtype == P.F_CLOSE:
@@ -208,6 +260,39 @@ class StatementTracker:
             elif mtype == P.F_FUNCTION_CALL:
                 oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else 0
                 self._pending.append(Request(Kind.FUNCTION, now, b"<function call oid=%d>" % oid))
+        return refused
+
+    def _refuse(self, request: Request, query: bytes | None, require: Requirement) -> bool:
+        """Whether ``request`` must be refused for want of an identity.
+
+        Allowed without one: statements that only control the transaction
+        or the session (BEGIN, SET, SHOW, ...), a Query whose statements up
+        to its first identity change are such statements, and anything
+        pipelined behind a statement that sets the identity (the server
+        runs them after it; if it fails, the server skips them).
+        """
+        text = None
+        if query is not None and _IDENTITY_HINT.search(query) is not None:
+            text = query.decode("utf-8", "replace")
+        if self._identity.for_statement(text).acceptable(require):
+            return False
+        if any(pending.sets_identity for pending in self._pending):
+            return False
+        if query is None:
+            request.refused = True
+            return True  # prepared where the proxy could not see it
+        statements = split_statements(query.decode("utf-8", "replace"))
+        first_change = len(statements)
+        if text is not None:
+            changes = identity_changes(text)
+            if changes:
+                first_change = min(change.index for change in changes)
+                request.sets_identity = True
+        if all(_ALWAYS_ALLOWED.match(s) for s in statements[:first_change]):
+            return False
+        request.sets_identity = False
+        request.refused = True
+        return True
 
     def _parse(self, body: bytes, truncated: bool) -> None:
         try:
@@ -241,11 +326,11 @@ class StatementTracker:
             self._finish_suspended(old)
         self._portals[portal] = Portal(query, query_truncated, captured, types)
 
-    def _execute(self, body: bytes, now: int) -> None:
+    def _execute(self, body: bytes, now: int) -> Request | None:
         try:
             name, _max_rows = parse_execute(body)
         except ProtocolViolation:
-            return
+            return None
         portal = self._portals.get(name)
         if portal is None:
             # Unknown portal: the server will answer with an error; keep the
@@ -253,7 +338,9 @@ class StatementTracker:
             portal = Portal(None, False, None)
         if not portal.suspended:
             portal.started_ns = now
-        self._pending.append(Request(Kind.EXECUTE, now, portal=portal))
+        request = Request(Kind.EXECUTE, now, portal=portal)
+        self._pending.append(request)
+        return request
 
     def _close(self, body: bytes) -> None:
         try:
@@ -291,8 +378,11 @@ class StatementTracker:
             elif mtype == P.B_PORTAL_SUSPENDED:
                 if head.kind == Kind.EXECUTE and head.portal is not None:
                     pending.popleft()
-                    head.portal.rows += counted
-                    head.portal.suspended = True
+                    portal = head.portal
+                    portal.rows += counted
+                    if not portal.suspended:
+                        portal.suspended = True
+                        portal.identity = self._attribute(portal.query, None, portal.params, True)
             elif mtype == P.B_EMPTY_QUERY:
                 if head.kind == Kind.EXECUTE:
                     pending.popleft()
@@ -354,6 +444,8 @@ class StatementTracker:
         if head.kind == Kind.QUERY or head.kind == Kind.FUNCTION:
             if not head.failed:
                 head.failed = True
+                if head.refused:
+                    sqlstate = P.SQLSTATE_INVALID_AUTHORIZATION
                 self._record(head, now, None, None, "error", sqlstate, _PROTOCOL_OF[head.kind])
             return
         # Extended protocol: the failed request is the first one still
@@ -370,6 +462,8 @@ class StatementTracker:
             # Error answering Sync itself (e.g. a deferred constraint at the
             # implicit commit): recorded against an empty statement.
             failed = Request(Kind.SYNC, now, b"")
+        if failed.refused:
+            sqlstate = P.SQLSTATE_INVALID_AUTHORIZATION
         if failed.portal is not None and failed.portal.suspended:
             failed.started_ns = failed.portal.started_ns
             failed.portal.suspended = False
@@ -433,6 +527,23 @@ class StatementTracker:
                 self._finish_suspended(portal)
         self._portals.clear()
 
+    def _attribute(
+        self,
+        query: bytes | None,
+        index: int | None,
+        params: tuple[bytes | bytearray | None, ...] | None,
+        succeeded: bool,
+    ) -> Identity:
+        """The person for a statement that just ran; apply its identity changes."""
+        state = self._identity
+        text: str | None = None
+        if query is not None and _IDENTITY_HINT.search(query) is not None:
+            text = query.decode("utf-8", "replace")
+        identity = state.for_statement(text, index)
+        if text is not None and succeeded:
+            state.statement_succeeded(text, index or 0, params)
+        return identity
+
     def _record(
         self,
         request: Request,
@@ -452,13 +563,11 @@ class StatementTracker:
         else:
             query, truncated, params, types = request.query, request.truncated, None, ()
             index = request.index if protocol == "simple" else None
-        state = self._identity
-        text: str | None = None
-        if query is not None and _IDENTITY_HINT.search(query) is not None:
-            text = query.decode("utf-8", "replace")
-        identity = state.for_statement(text, index)
-        if text is not None and status == "ok":
-            state.statement_succeeded(text, index or 0, params)
+        if portal is not None and portal.identity is not None:
+            identity = portal.identity  # attributed when it first ran
+            portal.identity = None
+        else:
+            identity = self._attribute(query, index, params, status == "ok")
         self._emit(
             StatementEvent(
                 session=self.session,

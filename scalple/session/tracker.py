@@ -89,7 +89,9 @@ class Portal:
     """A bound portal: the statement text and parameters it runs."""
 
     __slots__ = (
+        "ended_ns",
         "identity",
+        "in_transaction",
         "param_types",
         "params",
         "query",
@@ -112,6 +114,8 @@ class Portal:
         self.param_types = param_types
         self.rows = 0  # rows returned by earlier Executes that ended suspended
         self.started_ns = 0  # start of the first Execute of this portal
+        self.ended_ns = 0  # when the last Execute of this portal was answered
+        self.in_transaction = False  # in a transaction block when it first ran
         self.suspended = False
         # The person in force when the portal first ran: a suspended portal is
         # recorded when it finishes, maybe after the transaction (and a SET
@@ -380,8 +384,10 @@ class StatementTracker:
                     pending.popleft()
                     portal = head.portal
                     portal.rows += counted
+                    portal.ended_ns = now
                     if not portal.suspended:
                         portal.suspended = True
+                        portal.in_transaction = self._in_tx
                         portal.identity = self._attribute(portal.query, None, portal.params, True)
             elif mtype == P.B_EMPTY_QUERY:
                 if head.kind == Kind.EXECUTE:
@@ -509,7 +515,16 @@ class StatementTracker:
         """A portal closed before running to completion: record what it returned."""
         portal.suspended = False
         request = Request(Kind.EXECUTE, portal.started_ns, portal=portal)
-        self._record(request, portal.started_ns, None, portal.rows, "ok", None, "extended")
+        self._record(
+            request,
+            portal.ended_ns,
+            None,
+            portal.rows,
+            "ok",
+            None,
+            "extended",
+            in_transaction=portal.in_transaction,
+        )
 
     # -- ending --------------------------------------------------------------
 
@@ -553,6 +568,8 @@ class StatementTracker:
         status: StatementStatus,
         sqlstate: str | None,
         protocol: WireProtocol,
+        *,
+        in_transaction: bool | None = None,
     ) -> None:
         self.statements += 1
         portal = request.portal
@@ -584,7 +601,7 @@ class StatementTracker:
                 rows=rows,
                 sqlstate=sqlstate,
                 status=status,
-                in_transaction=self._in_tx,
+                in_transaction=self._in_tx if in_transaction is None else in_transaction,
                 identity=identity,
             )
         )

@@ -77,51 +77,10 @@ def _workload(dsn_for: Any) -> tuple[str, str | None]:
         return row[0], row[1]
 
 
-def _touched(record: dict[str, Any]) -> str:
-    """``customers(email,id)`` for each relation the statement touched."""
-    columns = record.get("columns_accessed") or {}
-    parts = [
-        f"{table.removeprefix('public.')}({','.join(columns.get(table, []))})"
-        for table in record.get("affected_tables") or []
-    ]
-    return " ".join(parts) or "-"
-
-
-def _print_table(records: list[dict[str, Any]]) -> None:
-    width = max(80, min(shutil.get_terminal_size((140, 24)).columns, 180))
-    layout = "{time:<15} {person:<6} {cls:<5} {command:<7} {rows:>4} {status:<11} {touched:<28} "
-    head = layout.format(
-        time="time (UTC)",
-        person="person",
-        cls="class",
-        command="command",
-        rows="rows",
-        status="status",
-        touched="tables(columns)",
-    )
-    print(head + "query")
-    print("-" * min(width, len(head) + 40))
-    for r in records:
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}:{r['sqlstate']}"
-        line = layout.format(
-            time=r["ts"][11:26],
-            person=r["session_user_id"] or "-",
-            cls=(r["statement_class"] or "-")[:5],
-            command=(r["command"] or "-")[:7],
-            rows="" if r["rows"] is None else r["rows"],
-            status=status,
-            touched=_touched(r)[:28],
-        )
-        query = " ".join((r["query"] or "").split())
-        if r["params"]:
-            query += "  -- params " + ", ".join(str(p) for p in r["params"])
-        room = max(10, width - len(line))
-        print(line + (query if len(query) <= room else query[: room - 1] + "…"))
-
-
 def run_demo(*, json_output: bool = False) -> int:
     from scalple.devcluster import PgBouncer, PostgresCluster
     from scalple.devproxy import ScalpleServer
+    from scalple.query.render import format_record, header
 
     print(
         "Scalple demo: PostgreSQL 15 <- PgBouncer (transaction mode) <- Scalple <- two people",
@@ -178,7 +137,11 @@ def run_demo(*, json_output: bool = False) -> int:
             print(
                 f"\nAudit log ({len(records)} statements; a copy is in {kept / 'audit.jsonl'}):\n"
             )
-            _print_table(records)
+            # Always at least 100 columns: the demo is read by people, even in a pipe.
+            width = max(100, shutil.get_terminal_size((160, 24)).columns)
+            print(header())
+            for record in records:
+                print(format_record(record, width))
             people = sorted({r["session_user_id"] for r in records if r["session_user_id"]})
             print("\nEvery statement above reached PostgreSQL as 'app_user' through a shared pool;")
             print(f"Scalple attributed each one to its person: {', '.join(people)}.")

@@ -70,22 +70,22 @@ def catalog_password(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+def _catalogued_proxy(upstream: str, catalog_password: str) -> ScalpleServer:
+    server = ScalpleServer(upstream, config={"catalog": {"password_file": catalog_password}})
+    server.start()
+    return server
+
+
 @pytest.fixture(scope="module")
 def proxy_bouncer(bouncer: PgBouncer, catalog_password: str) -> Iterator[ScalpleServer]:
-    server = ScalpleServer(
-        f"{bouncer.host}:{bouncer.port}", config={"catalog": {"password_file": catalog_password}}
-    )
-    server.start()
+    server = _catalogued_proxy(f"{bouncer.host}:{bouncer.port}", catalog_password)
     yield server
     server.cleanup()
 
 
 @pytest.fixture(scope="module")
 def proxy_direct(pg: PostgresCluster, catalog_password: str) -> Iterator[ScalpleServer]:
-    server = ScalpleServer(
-        f"{pg.host}:{pg.port}", config={"catalog": {"password_file": catalog_password}}
-    )
-    server.start()
+    server = _catalogued_proxy(f"{pg.host}:{pg.port}", catalog_password)
     yield server
     server.cleanup()
 

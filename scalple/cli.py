@@ -8,13 +8,9 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from scalple import __version__
 from scalple.config import Config, ConfigError, load_config
-
-if TYPE_CHECKING:
-    from scalple.sink.enrich import Enricher
 
 __all__ = ["main"]
 
@@ -30,42 +26,12 @@ def _serve_config(args: argparse.Namespace) -> Config:
     )
 
 
-def build_enricher(config: Config) -> Enricher:
-    """Analysis cache and catalog access as the configuration says."""
-    from scalple.analysis.cache import AnalysisCache
-    from scalple.analysis.provider import CatalogProvider, CatalogSource
-    from scalple.config import parse_address
-    from scalple.sink.enrich import Enricher
-
-    catalogs = None
-    if config.catalog.enabled:
-        host, port = parse_address(config.upstream.address, key="upstream.address")
-        up = config.upstream
-        source = CatalogSource(
-            host=host,
-            port=port,
-            dsn=config.catalog.dsn,
-            password_file=config.catalog.password_file,
-            sslmode={"disable": "disable", "require": "require", "verify-full": "verify-full"}[
-                up.tls
-            ],
-            sslrootcert=up.tls_ca_file,
-        )
-        catalogs = CatalogProvider(source, refresh_interval=config.catalog.refresh_interval)
-    return Enricher(AnalysisCache(config.analysis.cache_size), catalogs)
-
-
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, verbose: bool) -> int:
     from scalple.proxy.listener import Proxy
-    from scalple.sink.jsonl import JsonLinesSink
+    from scalple.sink.audit import AuditSink
 
     loop = asyncio.get_running_loop()
-    sink = JsonLinesSink(
-        config.log.dir,
-        enricher=build_enricher(config),
-        max_pending=config.log.max_pending,
-        flush_interval=config.log.flush_interval,
-    )
+    sink = AuditSink(config, verbose=verbose)
     proxy = Proxy(config, sink, loop)
     try:
         await proxy.start()
@@ -103,7 +69,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     config = _serve_config(args)
-    code: int = uvloop.run(_serve(config))
+    code: int = uvloop.run(_serve(config, args.verbose))
     return code
 
 

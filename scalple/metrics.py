@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from scalple.proxy.listener import Proxy
-    from scalple.sink.jsonl import JsonLinesSink
+    from scalple.sink.audit import AuditSink
 
 __all__ = ["ProxyCollector", "serve_metrics"]
 
@@ -23,7 +23,7 @@ __all__ = ["ProxyCollector", "serve_metrics"]
 class ProxyCollector(Collector):
     """Everything a capacity or incident dashboard needs about one proxy."""
 
-    def __init__(self, proxy: Proxy, sink: JsonLinesSink) -> None:
+    def __init__(self, proxy: Proxy, sink: AuditSink) -> None:
         self._proxy = proxy
         self._sink = sink
 
@@ -86,6 +86,11 @@ class ProxyCollector(Collector):
             "Failed attempts to write the audit log (retried; nothing is dropped).",
             value=sink.failed_writes,
         )
+        yield CounterMetricFamily(
+            "scalple_audit_worker_restarts",
+            "Times the audit worker process died and was restarted (its batches resent).",
+            value=sink.worker_restarts,
+        )
         yield GaugeMetricFamily(
             "scalple_audit_congested",
             "1 while client reads are paused because the audit writer is behind.",
@@ -93,7 +98,7 @@ class ProxyCollector(Collector):
         )
 
 
-def serve_metrics(address: tuple[str, int], proxy: Proxy, sink: JsonLinesSink) -> None:
+def serve_metrics(address: tuple[str, int], proxy: Proxy, sink: AuditSink) -> None:
     """Serve ``/metrics`` on ``address`` from a daemon thread."""
     from prometheus_client import start_http_server
 

@@ -30,10 +30,21 @@ AUDIT_FILE = "audit.jsonl"
 """The log file inside the log directory (the tamper-evident store replaces it)."""
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def rfc3339(wall_ns: int) -> str:
-    """RFC 3339 UTC with microseconds: ``2026-11-26T07:18:41.123456Z``."""
+    """RFC 3339 UTC with microseconds: ``2026-11-26T07:18:41.123456Z``.
+
+    Records arrive in time order, so the date-and-time part of the previous
+    call is reused while the second is the same (one per record otherwise).
+    """
+    global _second_cache
     seconds, ns = divmod(wall_ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    cached_second, stamp = _second_cache
+    if seconds != cached_second:
+        stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache = (seconds, stamp)
     return f"{stamp}.{ns // 1000:06d}Z"
 
 

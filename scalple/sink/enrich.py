@@ -16,16 +16,19 @@ from collections import OrderedDict
 from typing import Final
 
 from scalple.analysis.cache import AnalysisCache
-from scalple.analysis.provider import CatalogProvider
+from scalple.analysis.catalog import Catalog
+from scalple.analysis.provider import CatalogProvider, CatalogSource
 from scalple.analysis.sql import StatementAnalysis, split_statements
+from scalple.config import Config, parse_address
 from scalple.events import StatementEvent, monotonic_to_wall_ns
 from scalple.records import StatementRecord, rfc3339, statement_params
 
-__all__ = ["REDACTED_TOKEN", "Enricher", "redact_tokens"]
+__all__ = ["REDACTED_TOKEN", "Enricher", "build_enricher", "redact_tokens"]
 
 log = logging.getLogger(__name__)
 
 _SPLIT_CACHE_SIZE: Final = 2048
+_EXACT_CACHE_SIZE: Final = 4096
 _FUNCTION_CALL: Final = StatementAnalysis(
     command="FUNCTION CALL",
     statement_class="FUNCTION",
@@ -59,6 +62,7 @@ class Enricher:
         self.cache = cache
         self.catalogs = catalogs
         self._splits: OrderedDict[str, list[str]] = OrderedDict()
+        self._exact: OrderedDict[tuple[str, str], StatementAnalysis] = OrderedDict()
         self.failures = 0
 
     def _statement_text(self, text: str, index: int) -> str:
@@ -89,7 +93,7 @@ class Enricher:
             if unavailable:
                 notes.append(unavailable)
         try:
-            analysis = self.cache.analyze_cached(text, catalog)
+            analysis = self._analysis(text, catalog)
         except Exception as exc:  # analysis must never cost a record
             self.failures += 1
             log.exception("analysis failed for a statement of session %s", session.session_id)
@@ -101,6 +105,21 @@ class Enricher:
         ):
             self.catalogs.invalidate(session.database)
         return analysis, [*notes, *analysis.unresolved]
+
+    def _analysis(self, text: str, catalog: Catalog | None) -> StatementAnalysis:
+        """Exact text first (prepared statements repeat it byte for byte: no
+        parse at all), then the fingerprint cache."""
+        key = (text, catalog.version if catalog is not None else "")
+        exact = self._exact
+        analysis = exact.get(key)
+        if analysis is not None:
+            exact.move_to_end(key)
+            return analysis
+        analysis = self.cache.analyze_cached(text, catalog)
+        exact[key] = analysis
+        if len(exact) > _EXACT_CACHE_SIZE:
+            exact.popitem(last=False)
+        return analysis
 
     def record(self, event: StatementEvent) -> StatementRecord:
         """The full record: this statement's text, analysis and identity."""
@@ -162,3 +181,23 @@ class Enricher:
             identity_problem=identity.problem,
             analysis_notes=notes,
         )
+
+
+def build_enricher(config: Config) -> Enricher:
+    """Analysis cache and catalog access as the configuration says."""
+    catalogs = None
+    if config.catalog.enabled:
+        host, port = parse_address(config.upstream.address, key="upstream.address")
+        up = config.upstream
+        source = CatalogSource(
+            host=host,
+            port=port,
+            dsn=config.catalog.dsn,
+            password_file=config.catalog.password_file,
+            sslmode={"disable": "disable", "require": "require", "verify-full": "verify-full"}[
+                up.tls
+            ],
+            sslrootcert=up.tls_ca_file,
+        )
+        catalogs = CatalogProvider(source, refresh_interval=config.catalog.refresh_interval)
+    return Enricher(AnalysisCache(config.analysis.cache_size), catalogs)

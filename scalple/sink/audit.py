@@ -1,0 +1,238 @@
+"""The proxy's side of the audit log: collect events, hand them to the worker.
+
+The relay's only cost is a list append.  A handoff thread swaps the list out
+every ``flush_interval`` and pickles it down a pipe to the audit worker
+process (scalple/sink/worker.py), which builds and writes the records and
+acknowledges each batch.  Batches stay queued here until acknowledged: when
+more than ``max_pending`` events are unacknowledged the sink is congested and
+the relay stops reading from clients; if the worker dies it is restarted and
+the unacknowledged batches are sent again.  No event is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from scalple.config import Config
+from scalple.records import AUDIT_FILE
+from scalple.sink.base import Event
+from scalple.sink.worker import Ack, worker_main
+
+__all__ = ["AuditSink"]
+
+log = logging.getLogger(__name__)
+
+_CONTEXT = multiprocessing.get_context("spawn")  # never fork a process with threads
+
+
+class AuditSink:
+    """Events in on the event loop; records out in the worker process."""
+
+    def __init__(self, config: Config, *, verbose: bool = False) -> None:
+        self.path = Path(config.log.dir) / AUDIT_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._config = config
+        self._verbose = verbose
+        self._pending: list[Event] = []
+        self._max_pending = config.log.max_pending
+        self._interval = config.log.flush_interval
+        self._unacked: deque[list[Event]] = deque()
+        self._unacked_events = 0
+        self._lock = threading.Lock()  # guards _unacked between handoff and ack threads
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_congested: Callable[[], None] = _nothing
+        self._on_drained: Callable[[], None] = _nothing
+        self._stop = threading.Event()
+        self.congested = False
+        self.submitted = 0
+        self.written = 0
+        self.statements: dict[str, int] = {}  # written, by status (for metrics)
+        self.failed_writes = 0
+        self.worker_restarts = 0
+        self._process: BaseProcess | None = None
+        self._batches: Connection | None = None
+        self._acker: threading.Thread | None = None
+        self._start_worker()
+        self._handoff = threading.Thread(target=self._run, name="scalple-handoff", daemon=True)
+        self._handoff.start()
+
+    # -- the relay's side ------------------------------------------------------
+
+    def submit(self, event: Event) -> None:
+        """Queue one event; called on the event loop, must stay cheap."""
+        pending = self._pending
+        pending.append(event)
+        self.submitted += 1
+        if len(pending) >= self._max_pending and not self.congested:
+            self._congest(f"{len(pending)} events not yet handed to the audit worker")
+
+    def notify(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_congested: Callable[[], None],
+        on_drained: Callable[[], None],
+    ) -> None:
+        """Tell ``loop`` when the relay must pause (and may resume) reading."""
+        self._loop = loop
+        self._on_congested = on_congested
+        self._on_drained = on_drained
+
+    @property
+    def pending(self) -> int:
+        """Events not yet written (queued here or in flight to the worker)."""
+        return len(self._pending) + self._unacked_events
+
+    # -- worker lifecycle ------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        batches_out, batches_in = _CONTEXT.Pipe(duplex=False)
+        acks_out, acks_in = _CONTEXT.Pipe(duplex=False)
+        process = _CONTEXT.Process(
+            target=worker_main,
+            args=(batches_out, acks_in, self._config, self._verbose),
+            name="scalple-audit-worker",
+            daemon=True,
+        )
+        process.start()
+        batches_out.close()
+        acks_in.close()
+        self._process = process
+        self._batches = batches_in
+        self._acker = threading.Thread(
+            target=self._read_acks, args=(acks_out,), name="scalple-acks", daemon=True
+        )
+        self._acker.start()
+
+    def _restart_worker(self) -> None:
+        """The worker died: start another and resend what it did not confirm."""
+        self.worker_restarts += 1
+        self._congest("audit worker died")
+        log.critical(
+            "audit worker died (exit %s); restarting it and resending %d unconfirmed events",
+            self._process.exitcode if self._process else "?",
+            self._unacked_events,
+        )
+        if self._batches is not None:
+            self._batches.close()
+        self._start_worker()
+        with self._lock:
+            resend = list(self._unacked)
+        for batch in resend:
+            self._send(batch)
+
+    def _send(self, batch: list[Event]) -> bool:
+        assert self._batches is not None
+        try:
+            self._batches.send(batch)
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    # -- threads ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(self._interval)
+            self._handoff_pending()
+            if (
+                self._process is not None
+                and not self._process.is_alive()
+                and not self._stop.is_set()
+            ):
+                self._restart_worker()
+        self._handoff_pending()
+
+    def _handoff_pending(self) -> None:
+        batch, self._pending = self._pending, []  # atomic swap under the GIL
+        if not batch:
+            return
+        with self._lock:
+            self._unacked.append(batch)
+            self._unacked_events += len(batch)
+        self._send(batch)  # on failure the batch stays unacked; a restart resends it
+
+    def _read_acks(self, acks: Connection) -> None:
+        while True:
+            try:
+                ack: Ack = acks.recv()
+            except (EOFError, OSError):
+                return  # worker gone: the handoff thread notices and restarts it
+            self._acknowledge(ack)
+
+    def _acknowledge(self, ack: Ack) -> None:
+        written, counts, failed_writes = ack
+        with self._lock:
+            batch = self._unacked.popleft()
+            self._unacked_events -= len(batch)
+        if len(batch) != written:
+            log.error("audit worker confirmed %d events for a batch of %d", written, len(batch))
+        self.written += written
+        self.failed_writes = max(self.failed_writes, failed_writes)
+        for status, count in counts.items():
+            self.statements[status] = self.statements.get(status, 0) + count
+        if self.congested and self.pending < self._max_pending // 2:
+            self.congested = False
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._on_drained)
+        elif not self.congested and self._unacked_events >= self._max_pending:
+            self._congest(f"{self._unacked_events} events not yet written by the audit worker")
+
+    def _congest(self, why: str) -> None:
+        """Stop the relay reading from clients; called from any thread."""
+        if self.congested:
+            return
+        self.congested = True
+        log.warning("audit log congested (%s): pausing client reads", why)
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._on_congested()
+        else:
+            loop.call_soon_threadsafe(self._on_congested)
+
+    # -- ending ----------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until what was submitted so far is written (tests, shutdown)."""
+        target = self.submitted
+        deadline = time.monotonic() + timeout
+        while self.written < target and time.monotonic() < deadline:
+            time.sleep(self._interval)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Hand over and write everything still queued, then stop the worker."""
+        self._stop.set()
+        self._handoff.join(timeout)
+        self.flush(timeout)
+        if self.written < self.submitted:
+            log.critical(
+                "audit worker did not confirm %d events before shutdown",
+                self.submitted - self.written,
+            )
+        if self._batches is not None:
+            with contextlib.suppress(OSError):
+                self._batches.send(None)
+            self._batches.close()
+        if self._process is not None:
+            self._process.join(timeout)
+        if self._acker is not None:
+            self._acker.join(5)
+
+
+def _nothing() -> None:
+    """Flow-control callback before the relay registered its own."""

@@ -1,0 +1,60 @@
+"""The audit worker process can die without losing a record: the proxy
+restarts it and resends what it had not confirmed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+
+from scalple.devcluster import PostgresCluster
+from tests.conftest import ProxyFactory
+
+
+def worker_pid(proxy_pid: int) -> int | None:
+    """The audit worker: the proxy's child started by multiprocessing's spawn
+    (None while there is none: a killed one is a zombie with no command line)."""
+    children = [  # children of every thread: a restarted worker is the handoff thread's
+        child
+        for task in Path(f"/proc/{proxy_pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    for child in children:
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+            return int(child)
+    return None
+
+
+def test_killed_worker_is_restarted_and_no_record_is_lost(
+    proxy_factory: ProxyFactory, pg: PostgresCluster
+) -> None:
+    proxy = proxy_factory(f"{pg.host}:{pg.port}")
+    assert proxy.process is not None
+    dsn = proxy.dsn(user="app_user", password="app_pass", dbname="app")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(20):
+            conn.execute(f"select {i} as before_kill")
+        first = worker_pid(proxy.process.pid)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        for i in range(20):
+            conn.execute(f"select {i} as after_kill")  # the relay keeps relaying
+    records = proxy.wait_for_records(
+        lambda rs: sum("after_kill" in (r["query"] or "") for r in rs) == 20, timeout=30
+    )
+    queries = [r["query"] for r in records]
+    for i in range(20):
+        assert queries.count(f"select {i} as before_kill") >= 1
+        assert queries.count(f"select {i} as after_kill") == 1
+    seqs = [r["seq"] for r in proxy.records(kind=None)]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))  # never reused
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and worker_pid(proxy.process.pid) in (None, first):
+        time.sleep(0.05)
+    assert worker_pid(proxy.process.pid) not in (None, first)
+    assert proxy.log_contains("audit worker died")
+    assert proxy.stop() == 0

@@ -44,23 +44,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import scalple
-from scalple.devcluster import PgBouncer, PostgresCluster
+from scalple.devcluster import PgBouncer, PostgresCluster, Role
 from scalple.devproxy import ScalpleServer
 
 USER = "app_user"
 PASSWORD = "app_pass"
 DATABASE = "app"
 POOL_SIZE = 20  # >= the 16 pgbench clients, so no client ever waits for a server connection
-# Runs whose median latency/TPS we report; everything else (warm-up, probes) is labelled.
 TPS_RE = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 PROCESSED_RE = re.compile(r"number of transactions actually processed: (\d+)")
 FAILED_RE = re.compile(r"number of failed transactions: (\d+)")
-STATEMENT_MARK = b'{"kind":"statement"'
-"""Every statement record starts with this: ``kind`` is the first field and JSON escapes
-quotes inside strings, so counting it counts statement records (see scalple.records)."""
+STATEMENT_MARK = b'"kind":"statement"'
+"""Occurs exactly once in every statement record, wherever the field sits: inside JSON
+strings quotes are escaped (``\\"``), so no value can contain it."""
 
 
 # --------------------------------------------------------------------------- model
@@ -112,6 +111,7 @@ class Run:
     mean_ms: float | None = None
     p99_ms: float | None = None
     audit_records: int | None = None
+    audit_lag_s: float | None = None  # how long after pgbench ended the last record landed
     proxy_cpu_us_per_tx: float | None = None  # CPU (user+sys) of the proxy process per tx
     load_before: float | None = None  # 1-minute load average when the run started
     error: str | None = None
@@ -256,7 +256,8 @@ def machine_info(bindir: Path) -> dict[str, Any]:
         "pgbouncer": first_line([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "--version"]),
         "python": platform.python_version(),
         "uvloop": importlib.metadata.version("uvloop"),
-        "scalple": f"{scalple.__version__} (git {git}{', uncommitted changes' if dirty else ''})",
+        "scalple": f"{scalple.__version__} (git {git}"
+        + (f" + uncommitted changes in {len(dirty.splitlines())} files)" if dirty else ")"),
     }
 
 
@@ -321,11 +322,14 @@ def run_pgbench(
     duration: int,
     log_dir: Path,
     round_no: int,
+    audit: AuditCounter | None = None,
 ) -> Run:
     """One measured pgbench run; never raises for pgbench's own failures (they become rows).
 
     ``-n``: no vacuum before the run (it would add statements that are not the workload
-    and take locks); the tables were vacuumed by ``pgbench -i``.
+    and take locks); the tables were vacuumed by ``pgbench -i``.  With ``audit`` the run
+    also waits for the proxy's audit writer to catch up before reading the proxy's CPU
+    time, so that the writer's work for this run's statements is charged to this run.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     prefix = log_dir / "tx"
@@ -353,8 +357,13 @@ def run_pgbench(
     ]
     run = Run(round=round_no, workload=workload.key, target=target.key, ok=False, seconds=0.0)
     run.load_before = load_average()
-    proxy_pid = target.proxy_pid() if target.proxy_pid is not None else None
-    cpu_before = process_cpu_seconds(proxy_pid) if proxy_pid is not None else 0.0
+    proxy_pid: int | None = None
+    cpu_before: float | None = None
+    if target.proxy_pid is not None:
+        # A proxy that died makes pgbench fail, which is reported; CPU is then unknown.
+        with contextlib.suppress(Exception):
+            proxy_pid = target.proxy_pid()
+            cpu_before = process_cpu_seconds(proxy_pid)
     started = time.monotonic()
     try:
         proc = subprocess.run(
@@ -374,10 +383,6 @@ def run_pgbench(
             run.error += ": " + stderr.strip()[-500:]
         return run
     run.seconds = time.monotonic() - started
-    cpu_used = None
-    if proxy_pid is not None:
-        with contextlib.suppress(OSError):
-            cpu_used = process_cpu_seconds(proxy_pid) - cpu_before
     abort_summary, run.warnings = summarize_stderr(proc.stderr)
     if m := TPS_RE.search(proc.stdout):
         run.tps = float(m.group(1))
@@ -385,6 +390,17 @@ def run_pgbench(
         run.transactions = int(m.group(1))
     if m := FAILED_RE.search(proc.stdout):
         run.failed_transactions = int(m.group(1))
+    if audit is not None:
+        ended = time.monotonic()
+        expected = (run.transactions or 0) + (run.failed_transactions or 0)
+        run.audit_records = audit.collect(expected)
+        run.audit_lag_s = audit.last_record_at - ended if audit.last_record_at > ended else 0.0
+        audit.total_transactions += expected
+        audit.run_seconds += duration
+    cpu_used = None
+    if proxy_pid is not None and cpu_before is not None:
+        with contextlib.suppress(OSError):
+            cpu_used = process_cpu_seconds(proxy_pid) - cpu_before
     logs = sorted(log_dir.glob("tx.*"))
     run.logged_transactions, run.mean_ms, run.p99_ms = parse_latency_logs(logs)
     if cpu_used is not None and run.transactions:
@@ -415,6 +431,7 @@ class AuditCounter:
         self.total = 0
         self.total_transactions = 0
         self.run_seconds = 0.0
+        self.last_record_at = 0.0  # time.monotonic() when new records were last seen
 
     def _count_new(self) -> int:
         try:
@@ -430,6 +447,7 @@ class AuditCounter:
                     break
                 count += chunk.count(STATEMENT_MARK, 0, end)
                 self.offset += end
+                self.last_record_at = time.monotonic()
                 if end < len(chunk):
                     fh.seek(self.offset)
         return count
@@ -458,6 +476,15 @@ class AuditCounter:
 # --------------------------------------------------------------------------- environment
 
 
+@dataclass(frozen=True)
+class _BouncerUpstream:
+    """What PgBouncer reads from its upstream: lets one PgBouncer sit in front of another."""
+
+    host: str
+    port: int
+    roles: tuple[Role, ...]
+
+
 @dataclass
 class Environment:
     """All processes the benchmark owns; cleaned up by the ExitStack in ``main``."""
@@ -465,12 +492,14 @@ class Environment:
     cluster: PostgresCluster
     bouncer: PgBouncer
     session_bouncer: PgBouncer
+    front_bouncer: PgBouncer
     targets: dict[str, Target]
     counters: dict[str, AuditCounter]
 
 
 def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> Environment:
-    """PostgreSQL, pgbench -i, two PgBouncer pools, three Scalple proxies.
+    """PostgreSQL, pgbench -i, three PgBouncers (transaction, session, one in front of the
+    transaction pool for calibration) and three Scalple proxies.
 
     Every process is registered for cleanup *before* it is started, so a failure
     half-way leaves nothing behind.  TLS is off everywhere so that no target pays for
@@ -511,19 +540,31 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
     session_bouncer = PgBouncer(cluster, pool_mode="session", default_pool_size=POOL_SIZE)
     stack.callback(session_bouncer.cleanup)
     session_bouncer.start()
+    # Calibration: a second PgBouncer in front of the first costs one more hop exactly
+    # as cheap as PgBouncer itself, which shows what *any* extra hop can reach on this
+    # machine (Scalple->PgBouncer is also two hops).
+    front_bouncer = PgBouncer(
+        cast(PostgresCluster, _BouncerUpstream(bouncer.host, bouncer.port, cluster.roles)),
+        pool_mode="transaction",
+        default_pool_size=POOL_SIZE,
+    )
+    stack.callback(front_bouncer.cleanup)
+    front_bouncer.start()
     progress(
         f"    PgBouncer transaction pool on port {bouncer.port} (pid {bouncer.pid()}), "
-        f"session pool on port {session_bouncer.port} (pid {session_bouncer.pid()})"
+        f"session pool on port {session_bouncer.port} (pid {session_bouncer.pid()}), "
+        f"PgBouncer->PgBouncer on port {front_bouncer.port} (pid {front_bouncer.pid()})"
     )
 
     progress("starting Scalple proxies (audit log on)...")
+    proxy_config = scalple_config(stack)
     proxies: dict[str, ScalpleServer] = {}
     for key, upstream in (
         ("scalple_pgb", bouncer),
         ("scalple_pgb_session", session_bouncer),
         ("scalple_pg", cluster),
     ):
-        proxy = ScalpleServer(f"{upstream.host}:{upstream.port}")
+        proxy = ScalpleServer(f"{upstream.host}:{upstream.port}", config=proxy_config)
         stack.callback(proxy.cleanup)
         proxy.start()
         proxies[key] = proxy
@@ -558,6 +599,15 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
             proxy_pid=_pid_of(proxies["scalple_pgb"]),
         ),
         Target(
+            "pgb_pgb",
+            "PgBouncer->PgBouncer",
+            front_bouncer.host,
+            front_bouncer.port,
+            "PgB2",
+            "pgb",
+            proxy_pid=front_bouncer.pid,
+        ),
+        Target(
             "pgb_session",
             "PgBouncer[session]",
             session_bouncer.host,
@@ -588,7 +638,30 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
         ),
     ]
     counters = {t.key: AuditCounter(t.proxy.audit_path) for t in targets if t.proxy is not None}
-    return Environment(cluster, bouncer, session_bouncer, {t.key: t for t in targets}, counters)
+    return Environment(
+        cluster, bouncer, session_bouncer, front_bouncer, {t.key: t for t in targets}, counters
+    )
+
+
+def scalple_config(stack: contextlib.ExitStack) -> dict[str, dict[str, object]]:
+    """Scalple's configuration: the defaults, plus catalog credentials when supported.
+
+    Statement analysis needs the upstream catalog; without a password the proxy would
+    run with "catalog unavailable" and skip part of the per-record work that
+    production does.  Older configurations have no ``[catalog]`` table: then nothing.
+    """
+    from scalple import config as scalple_config_module
+
+    catalog = getattr(scalple_config_module, "CatalogConfig", None)
+    if catalog is None or "password_file" not in getattr(catalog, "__struct_fields__", ()):
+        return {}
+    secret_dir = Path(tempfile.mkdtemp(prefix="scalple-bench-secret-"))
+    stack.callback(shutil.rmtree, secret_dir, True)
+    password_file = secret_dir / "catalog-password"
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(PASSWORD + "\n")
+    return {"catalog": {"password_file": str(password_file)}}
 
 
 def _pid_of(proxy: ScalpleServer) -> Callable[[], int]:
@@ -601,9 +674,12 @@ def _pid_of(proxy: ScalpleServer) -> Callable[[], int]:
 
 
 def targets_for(workload: Workload) -> list[str]:
-    """Session-pool targets only where the transaction pool cannot serve the workload."""
+    """Session-pool targets only where the transaction pool cannot serve the workload; the
+    PgBouncer->PgBouncer calibration only for the 16-client simple run (time budget)."""
     if workload.key == "c16_prepared":
         return ["pg", "pgb", "scalple_pgb", "pgb_session", "scalple_pgb_session", "scalple_pg"]
+    if workload.key == "c16_simple":
+        return ["pg", "pgb", "scalple_pgb", "pgb_pgb", "scalple_pg"]
     return ["pg", "pgb", "scalple_pgb", "scalple_pg"]
 
 
@@ -618,13 +694,15 @@ def warm_up(env: Environment, pgbench: Path, log_dir: Path) -> None:
     warm = Workload("warmup", "warm-up", 16, 2, "simple")
     for target in env.targets.values():
         progress(f"warm-up (2 s, unmeasured): {target.label}")
-        run = run_pgbench(pgbench, warm, target, duration=2, log_dir=log_dir, round_no=0)
+        counter = env.counters.get(target.key)
+        run = run_pgbench(
+            pgbench, warm, target, duration=2, log_dir=log_dir, round_no=0, audit=counter
+        )
         if not run.ok:
             raise RuntimeError(f"warm-up against {target.label} failed: {run.error}")
-        counter = env.counters.get(target.key)
-        if counter is not None:
-            counter.collect(run.transactions or 0)
-            counter.total = 0  # the warm-up does not count towards the audit check
+        if counter is not None:  # the warm-up does not count towards the audit check
+            counter.total = counter.total_transactions = 0
+            counter.run_seconds = 0.0
 
 
 # --------------------------------------------------------------------------- main loop
@@ -671,26 +749,23 @@ def measure(env: Environment, pgbench: Path, args: argparse.Namespace, workdir: 
                 duration=args.duration,
                 log_dir=workdir / f"run{index}",
                 round_no=round_no,
+                audit=env.counters.get(target.key),
             )
-            if target.proxy is not None:
-                counter = env.counters[target.key]
-                expected = (run.transactions or 0) + (run.failed_transactions or 0)
-                run.audit_records = counter.collect(expected)
-                counter.total_transactions += expected
-                counter.run_seconds += args.duration
-                if target.proxy.process is None or target.proxy.process.poll() is not None:
-                    tail = target.proxy.stderr().strip()[-1500:]
-                    dead[target.key] = f"the Scalple process exited; its stderr:\n{tail}"
-                    run.ok = False
-                    run.error = (run.error + "\n" if run.error else "") + dead[target.key]
+            proxy = target.proxy
+            if proxy is not None and (proxy.process is None or proxy.process.poll() is not None):
+                tail = proxy.stderr().strip()[-1500:]
+                dead[target.key] = f"the Scalple process exited; its stderr:\n{tail}"
+                run.ok = False
+                run.error = (run.error + "\n" if run.error else "") + dead[target.key]
         done += 1
         runs.append(run)
         if run.ok:
             progress(
-                f"    tps {run.tps:,.0f}  mean {run.mean_ms:.3f} ms  p99 {run.p99_ms:.3f} ms"
+                f"    tps {_num(run.tps, ',.0f')}  mean {_num(run.mean_ms, '.3f')} ms"
+                f"  p99 {_num(run.p99_ms, '.3f')} ms"
                 + (
-                    f"  audit records {run.audit_records:,}"
-                    if run.audit_records is not None
+                    f"  audit records {run.audit_records:,} (+{run.audit_lag_s:.2f} s)"
+                    if run.audit_records is not None and run.audit_lag_s is not None
                     else ""
                 )
                 + (f"  [warning: {'; '.join(run.warnings)}]" if run.warnings else "")
@@ -748,13 +823,9 @@ def summarize(env: Environment, runs: list[Run], args: argparse.Namespace) -> li
                     tps_spread_pct=(100 * (max(tps) - min(tps)) / median_tps)
                     if median_tps and len(tps) > 1
                     else None,
-                    mean_ms=statistics.median(r.mean_ms for r in ok if r.mean_ms is not None)
-                    if ok
-                    else None,
-                    p99_ms=statistics.median(r.p99_ms for r in ok if r.p99_ms is not None)
-                    if ok
-                    else None,
-                    proxy_cpu_us=statistics.median(cpu) if (cpu := _cpu(ok)) else None,
+                    mean_ms=_median([r.mean_ms for r in ok]),
+                    p99_ms=_median([r.p99_ms for r in ok]),
+                    proxy_cpu_us=_median([r.proxy_cpu_us_per_tx for r in ok]),
                     ratio=ratio,
                     reference=reference if ratio is not None else None,
                     error="\n".join(errors) or None,
@@ -764,8 +835,9 @@ def summarize(env: Environment, runs: list[Run], args: argparse.Namespace) -> li
     return rows
 
 
-def _cpu(runs: list[Run]) -> list[float]:
-    return [r.proxy_cpu_us_per_tx for r in runs if r.proxy_cpu_us_per_tx is not None]
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def checks(rows: list[Row]) -> list[Check]:
@@ -843,7 +915,11 @@ def audit_summary(env: Environment, runs: list[Run], duration: int) -> list[dict
                     (r.audit_records / duration for r in proxy_runs if r.audit_records),
                     default=None,
                 ),
+                "max_lag_s": max((r.audit_lag_s or 0.0 for r in proxy_runs), default=None),
                 "audit_log_bytes": size,
+                # pgbench does not count statements in flight when -T ends or in aborted
+                # clients, so records may slightly exceed transactions, never fall short.
+                "complete": counter.total >= counter.total_transactions > 0,
             }
         )
     return out
@@ -899,7 +975,8 @@ def print_report(
     emit("TPS: median over rounds; spread: (max-min)/median; mean, p99: medians of per-run")
     emit("values from pgbench --log; proxy us/tx: CPU (user+sys) of the process in front of")
     emit("the server per transaction; ratio: median of same-round TPS ratios vs the `vs` row.")
-    emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool.")
+    emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool;")
+    emit("PgBouncer->PgBouncer is a calibration: one more hop as cheap as PgBouncer itself.")
     emit("")
     emit(
         f"{'workload':<15} {'target':<27} {'TPS':>8} {'spread':>6} {'mean ms':>7} "
@@ -936,14 +1013,18 @@ def print_report(
         )
         lines.extend(f"         ({piece})" for piece in _wrap(check.note, 88) if check.note)
     emit("")
-    emit("audit log check (Scalple must write a record for every statement):")
+    emit("audit log check (Scalple must write a record for every statement; lag: the longest")
+    emit("time after a run ended until its last record was in the log):")
     for item in audit:
-        per_tx = item["records_per_transaction"]
+        if not item["runs"]:
+            continue
+        status = "OK" if item["complete"] else "LOST"
         emit(
-            f"  {labels[item['target']]:<27} {item['statement_records']:>10,} records"
-            f" /{item['transactions']:>10,} tx = {_num(per_tx, '.4f')},"
+            f"  {status:<4} {shorts[item['target']]:<9} {item['statement_records']:>9,} rec"
+            f" / {item['transactions']:>9,} tx = {_num(item['records_per_transaction'], '.4f')},"
             f" {_num(item['records_per_second'], ',.0f')}/s avg,"
-            f" {_num(item['peak_records_per_second'], ',.0f')}/s max"
+            f" {_num(item['peak_records_per_second'], ',.0f')}/s max,"
+            f" lag {_num(item['max_lag_s'], '.2f')} s"
         )
     for line in lines:
         print(line.rstrip(), file=out)
@@ -1006,7 +1087,6 @@ def profile_proxy(
         if spy_proc.poll() is None:
             spy_proc.kill()
             spy_proc.wait()
-    env.counters["scalple_pgb"].collect(run.transactions or 0)
     if spy_proc.returncode != 0 or not raw.exists():
         return {"error": f"py-spy failed (exit {spy_proc.returncode}): {spy_err.strip()[-500:]}"}
     return {

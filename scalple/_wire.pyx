@@ -19,6 +19,7 @@ from libc.string cimport memchr, memcpy, memset
 __all__ = (
     "MessageScanner",
     "ProtocolViolation",
+    "identity_hint",
     "parse_bind",
     "parse_close",
     "parse_execute",
@@ -393,3 +394,46 @@ def parse_bind(bytes body not None):
             PyBytes_FromStringAndSize(<const char *>buf + end1 + 1, end2 - end1 - 1),
             tuple(params))
 
+
+# ---------------------------------------------------------------------------
+# Per-statement pre-filter for the identity parsers.
+
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c
+
+
+cdef inline bint _word_at(const unsigned char *p, Py_ssize_t left, const char *word,
+                          Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    if left < n:
+        return False
+    for i in range(n):
+        if _lower(p[i]) != <unsigned char>word[i]:
+            return False
+    return True
+
+
+def identity_hint(bytes data not None):
+    """Whether a statement may carry or change an identity.
+
+    True when ``scalple.``, ``set_config``, ``reset`` or ``discard`` occurs
+    in it, case-insensitively (PostgreSQL folds unquoted names).  Every
+    statement passes through this on the event loop; only the rare ones that
+    match are handed to the identity parsers.  One pass, no allocation.
+    """
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = _lower(p[i])
+        if c == 115:  # s
+            if _word_at(p + i, n - i, b"scalple.", 8) or _word_at(p + i, n - i, b"set_config", 10):
+                return True
+        elif c == 114:  # r
+            if _word_at(p + i, n - i, b"reset", 5):
+                return True
+        elif c == 100:  # d
+            if _word_at(p + i, n - i, b"discard", 7):
+                return True
+    return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 
 import pytest
@@ -13,6 +14,7 @@ from scalple import protocol as P
 from scalple._wire import (
     MessageScanner,
     ProtocolViolation,
+    identity_hint,
     parse_bind,
     parse_close,
     parse_execute,
@@ -207,3 +209,37 @@ def test_scanner_on_garbage_either_frames_or_raises(data: bytes, cuts: list[int]
         feed_in_pieces(scanner, data, [c for c in cuts if 0 < c < len(data)])
     except ProtocolViolation as exc:
         assert 0 <= exc.offset < len(data)
+
+
+_HINT_REFERENCE = re.compile(rb"(?i)scalple\.|reset|discard|set_config")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"scalple.",
+                b"SCALPLE.",
+                b"Scalple",
+                b"reset",
+                b"ReSeT",
+                b"rese",
+                b"discard",
+                b"DISCAR",
+                b"set_config",
+                b"SET_CONFIG",
+                b"set_confi",
+                b"select ",
+                b"'",
+                b"_",
+                b".",
+            ]
+        )
+        | st.binary(max_size=6),
+        max_size=8,
+    )
+)
+def test_identity_hint_matches_its_definition(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    assert identity_hint(data) == (_HINT_REFERENCE.search(data) is not None)

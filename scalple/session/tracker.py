@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 from scalple import protocol as P
 from scalple._wire import (
     ProtocolViolation,
+    identity_hint,
     parse_bind,
     parse_close,
     parse_execute,
@@ -69,12 +70,6 @@ _PROTOCOL_OF: Final[dict[Kind, WireProtocol]] = {
 _ROW_COMMANDS: Final = frozenset(
     {b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"COPY", b"FETCH", b"MOVE"}
 )
-# Statements that may carry or change an identity: a sqlcommenter comment,
-# SET / set_config of scalple.* (its name may be a bind parameter), RESET,
-# DISCARD. PostgreSQL folds unquoted
-# names, so the test is case-insensitive. Everything else skips the identity
-# parsers entirely.
-_IDENTITY_HINT: Final = re.compile(rb"(?i)scalple\.|reset|discard|set_config")
 # Statements that touch no data: allowed without an identity under
 # [identity] require (they are how a client sets one, or manage its session).
 _ALWAYS_ALLOWED: Final = re.compile(
@@ -276,7 +271,7 @@ class StatementTracker:
         runs them after it; if it fails, the server skips them).
         """
         text = None
-        if query is not None and _IDENTITY_HINT.search(query) is not None:
+        if query is not None and identity_hint(query):
             text = query.decode("utf-8", "replace")
         if self._identity.for_statement(text).acceptable(require):
             return False
@@ -552,7 +547,7 @@ class StatementTracker:
         """The person for a statement that just ran; apply its identity changes."""
         state = self._identity
         text: str | None = None
-        if query is not None and _IDENTITY_HINT.search(query) is not None:
+        if query is not None and identity_hint(query):
             text = query.decode("utf-8", "replace")
         identity = state.for_statement(text, index)
         if text is not None and succeeded:

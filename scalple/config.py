@@ -94,6 +94,7 @@ class CatalogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class AnalysisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[analysis]``: the statement analysis cache."""
 
+    enabled: bool = True
     cache_size: Annotated[int, msgspec.Meta(ge=1)] = 10_000
 
 

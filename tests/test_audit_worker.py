@@ -58,3 +58,14 @@ def test_killed_worker_is_restarted_and_no_record_is_lost(
     assert worker_pid(proxy.process.pid) not in (None, first)
     assert proxy.log_contains("audit worker died")
     assert proxy.stop() == 0
+
+
+def test_analysis_can_be_switched_off(proxy_factory: ProxyFactory, pg: PostgresCluster) -> None:
+    proxy = proxy_factory(f"{pg.host}:{pg.port}", {"analysis": {"enabled": False}})
+    dsn = proxy.dsn(user="app_user", password="app_pass", dbname="app")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select 1 as unanalysed")
+    (record,) = proxy.wait_for_records(lambda rs: len(rs) == 1)
+    assert record["statement_class"] is None and record["affected_tables"] == []
+    assert record["analysis_notes"] == ["analysis disabled ([analysis] enabled = false)"]
+    assert record["command"] == "SELECT" and record["rows"] == 1

@@ -58,9 +58,12 @@ def _tag_command(tag: str) -> str:
 class Enricher:
     """Builds statement records; owns the analysis cache and the catalogs."""
 
-    def __init__(self, cache: AnalysisCache, catalogs: CatalogProvider | None) -> None:
+    def __init__(
+        self, cache: AnalysisCache, catalogs: CatalogProvider | None, *, analyse: bool = True
+    ) -> None:
         self.cache = cache
         self.catalogs = catalogs
+        self.analyse = analyse
         self._splits: OrderedDict[str, list[str]] = OrderedDict()
         self._exact: OrderedDict[tuple[str, str], StatementAnalysis] = OrderedDict()
         self.failures = 0
@@ -85,6 +88,8 @@ class Enricher:
             return _FUNCTION_CALL, list(_FUNCTION_CALL.unresolved)
         if text is None:
             return None, ["statement text not seen by the proxy (prepared before it or elsewhere)"]
+        if not self.analyse:
+            return None, ["analysis disabled ([analysis] enabled = false)"]
         session = event.session
         notes: list[str] = []
         catalog = None
@@ -186,7 +191,7 @@ class Enricher:
 def build_enricher(config: Config) -> Enricher:
     """Analysis cache and catalog access as the configuration says."""
     catalogs = None
-    if config.catalog.enabled:
+    if config.catalog.enabled and config.analysis.enabled:
         host, port = parse_address(config.upstream.address, key="upstream.address")
         up = config.upstream
         source = CatalogSource(
@@ -200,4 +205,6 @@ def build_enricher(config: Config) -> Enricher:
             sslrootcert=up.tls_ca_file,
         )
         catalogs = CatalogProvider(source, refresh_interval=config.catalog.refresh_interval)
-    return Enricher(AnalysisCache(config.analysis.cache_size), catalogs)
+    return Enricher(
+        AnalysisCache(config.analysis.cache_size), catalogs, analyse=config.analysis.enabled
+    )

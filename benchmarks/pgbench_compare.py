@@ -558,6 +558,8 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
 
     progress("starting Scalple proxies (audit log on)...")
     proxy_config = scalple_config(stack)
+    for table, values in args.scalple_set.items():
+        proxy_config.setdefault(table, {}).update(values)
     proxies: dict[str, ScalpleServer] = {}
     for key, upstream in (
         ("scalple_pgb", bouncer),
@@ -966,7 +968,12 @@ def print_report(
     )
     emit(f"{info['postgresql']}, fsync=off")
     emit(f"{info['pgbouncer']}, Python {info['python']}, uvloop {info['uvloop']}")
-    emit(f"scalple {info['scalple']}, audit log on")
+    extra = ", ".join(
+        f"{table}.{key}={json.dumps(value)}"
+        for table, values in args.scalple_set.items()
+        for key, value in values.items()
+    )
+    emit(f"scalple {info['scalple']}, audit log on" + (f", {extra}" if extra else ""))
     emit(
         f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
         f"PgBouncer pools of {POOL_SIZE}"
@@ -1140,6 +1147,25 @@ def top_functions(raw: Path, expected_samples: int, limit: int = 12) -> list[dic
 # --------------------------------------------------------------------------- main
 
 
+def _setting(text: str) -> tuple[str, str, object]:
+    """``TABLE.KEY=VALUE`` with VALUE as TOML would read it (bool, int, float, else text)."""
+    name, sep, raw = text.partition("=")
+    table, dot, key = name.strip().partition(".")
+    if not sep or not dot or not table or not key:
+        raise argparse.ArgumentTypeError(f"expected TABLE.KEY=VALUE, got {text!r}")
+    value: object = raw
+    if raw in ("true", "false"):
+        value = raw == "true"
+    else:
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                continue
+    return table, key, value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="pgbench -S against PostgreSQL, PgBouncer and Scalple, interleaved.",
@@ -1152,6 +1178,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(WORKLOADS),
         help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
     )
+    parser.add_argument(
+        "--scalple-set",
+        metavar="TABLE.KEY=VALUE",
+        type=_setting,
+        action="append",
+        default=[],
+        help="extra Scalple configuration for all three proxies, e.g. analysis.enabled=false "
+        "(repeatable; shown in the report)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
         "--profile",
@@ -1160,6 +1195,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "16-client simple run and write its collapsed stacks to FILE",
     )
     args = parser.parse_args(argv)
+    settings: dict[str, dict[str, object]] = {}
+    for table, key, value in args.scalple_set:
+        settings.setdefault(table, {})[key] = value
+    args.scalple_set = settings
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
@@ -1221,6 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rounds": args.rounds,
                 "scale": args.scale,
                 "pool_size": POOL_SIZE,
+                "scalple_settings": args.scalple_set,
                 "fsync": False,
                 "workloads": {k: asdict(WORKLOADS[k]) for k in args.workloads},
                 "targets": {k: t.label for k, t in env.targets.items()},

@@ -27,6 +27,7 @@ from scalple._wire import MessageScanner, ProtocolViolation
 from scalple.events import SessionClosed, SessionInfo, SessionRejected
 from scalple.identity.startup import extract_identity
 from scalple.identity.state import IdentityState, Requirement
+from scalple.logsafe import where
 from scalple.proxy.tls import ALPN_POSTGRESQL, TlsTerminator
 from scalple.proxy.upstream import UpstreamError
 from scalple.session.tracker import StatementTracker
@@ -285,9 +286,11 @@ class ClientLink(asyncio.Protocol):
         if captured is not None:
             try:
                 refused = self._tracker.on_frontend(captured, _monotonic_ns(), self._require)
-            except Exception:
+            except Exception as exc:
                 # The identity check is a gate: when it fails, fail closed.
-                log.exception("client %s: identity check failed; closing", self.client_addr)
+                log.error(
+                    "client %s: identity check failed (%s); closing", self.client_addr, where(exc)
+                )
                 self._close(
                     "identity check failed",
                     P.build_error(P.SQLSTATE_INVALID_AUTHORIZATION, "identity check failed"),
@@ -522,16 +525,16 @@ class ClientLink(asyncio.Protocol):
     def _observe_frontend(self, captured: list[Captured]) -> None:
         try:
             self._tracker.on_frontend(captured, _monotonic_ns())  # type: ignore[union-attr]
-        except Exception:
+        except Exception as exc:
             # Observation must never break relaying; the failure is loud.
-            self._proxy.observation_failed(self, "frontend")
+            self._proxy.observation_failed(self, "frontend", exc)
 
     def observe_backend(self, captured: list[Captured]) -> None:
         tracker = self._tracker
         try:
             tracker.on_backend(captured, _monotonic_ns())  # type: ignore[union-attr]
-        except Exception:
-            self._proxy.observation_failed(self, "backend")
+        except Exception as exc:
+            self._proxy.observation_failed(self, "backend", exc)
         if self.draining and tracker is not None and tracker.idle:
             self._close(
                 "proxy shutting down",

@@ -17,6 +17,7 @@ import time
 from scalple.config import Config, parse_address
 from scalple.events import resync_clock
 from scalple.identity.token import TokenVerifier
+from scalple.logsafe import where
 from scalple.proxy.link import ClientLink, Pause, Phase
 from scalple.proxy.tls import server_context
 from scalple.proxy.upstream import UpstreamConnector, UpstreamError
@@ -124,12 +125,13 @@ class Proxy:
         for link in self.links:
             link.pause(Pause.SINK)
 
-    def observation_failed(self, link: ClientLink, direction: str) -> None:
+    def observation_failed(self, link: ClientLink, direction: str, exc: BaseException) -> None:
         self.observation_errors += 1
-        log.exception(
-            "client %s: observing %s traffic failed; traffic still relayed",
+        log.error(
+            "client %s: observing %s traffic failed (%s); traffic still relayed",
             link.client_addr,
             direction,
+            where(exc),
         )
 
     async def forward_cancel(self, packet: bytes) -> None:

@@ -21,6 +21,7 @@ from scalple.analysis.provider import CatalogProvider, CatalogSource
 from scalple.analysis.sql import StatementAnalysis, split_statements
 from scalple.config import Config, parse_address
 from scalple.events import StatementEvent, monotonic_to_wall_ns
+from scalple.logsafe import where
 from scalple.records import StatementRecord, rfc3339, statement_params
 
 __all__ = ["REDACTED_TOKEN", "Enricher", "build_enricher", "redact_tokens"]
@@ -101,7 +102,9 @@ class Enricher:
             analysis = self._analysis(text, catalog)
         except Exception as exc:  # analysis must never cost a record
             self.failures += 1
-            log.exception("analysis failed for a statement of session %s", session.session_id)
+            log.error(
+                "analysis failed (%s) for a statement of session %s", where(exc), session.session_id
+            )
             return None, [*notes, f"analysis failed: {type(exc).__name__}"]
         if (
             analysis.statement_class in ("DDL", "ROLE")

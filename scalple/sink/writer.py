@@ -15,6 +15,7 @@ import blake3
 import msgspec
 
 from scalple.events import StatementEvent
+from scalple.logsafe import where
 from scalple.records import AUDIT_FILE, SessionRecord, StatementRecord, to_session_record
 from scalple.sink.base import Event
 from scalple.sink.enrich import Enricher
@@ -96,9 +97,9 @@ class RecordWriter:
             if type(event) is StatementEvent:
                 try:
                     record = self._enricher.record(event)
-                except Exception:
+                except Exception as exc:
                     # Never lose the statement: fall back to what the relay saw.
-                    log.exception("building the record failed; writing it without analysis")
+                    log.error("building the record failed (%s); writing it bare", where(exc))
                     record = self._enricher.bare_record(event)
             else:
                 record = to_session_record(event)  # type: ignore[arg-type]

@@ -302,3 +302,23 @@ def test_terminate_closes_session_cleanly(route: Route) -> None:
     assert any(
         r["session_user_id"] == "dora" and r["reason"] == "client terminated" for r in closes
     )
+
+
+def test_error_details_with_row_values_are_not_stored(route: Route) -> None:
+    """A unique violation's DETAIL quotes the row's value; the value came from
+    a table, not the query text, so it must appear nowhere the proxy writes."""
+    marker = tag()
+    secret = f"{marker}-jane.secret@example.com"
+    route.pg.psql(
+        f"create table {marker}_src (email text); insert into {marker}_src values ('{secret}');"
+        f"create table {marker}_dst (email text unique); insert into {marker}_dst values ('{secret}');"
+        f"grant all on {marker}_src, {marker}_dst to app_user"
+    )
+    with psycopg.connect(route.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation) as info:
+            conn.execute(f"insert into {marker}_dst select email from {marker}_src")
+        assert secret in str(info.value.diag.message_detail)  # the client does see it
+    (record,) = only(mine(route, marker, 1), marker)
+    assert record["status"] == "error" and record["sqlstate"] == "23505"
+    assert secret.encode() not in route.proxy.audit_path.read_bytes()
+    assert secret not in route.proxy.stderr()

@@ -199,14 +199,38 @@ def pg_bindir() -> Path:
     raise SystemExit("pgbench not found: install postgresql-15 (pg_config --bindir)")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (field 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """user+system CPU of ``pid`` (all its threads) from /proc, in seconds.
+    """user+system CPU of ``pid`` and of all its descendants, from /proc, in seconds.
 
     CPU per transaction is the number that survives a noisy shared machine best: other
     load changes how long a transaction waits, much less how much CPU it needs.
+    Descendants count because a proxy may do part of its work in helper processes
+    (Scalple's audit worker); a child's CPU only reaches the parent's own counters
+    when it exits.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int(_stat_fields(int(entry.name))[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    ticks = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = _stat_fields(current)
+        except OSError:
+            if current == pid:
+                raise
+            continue  # a helper that just exited
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        todo.extend(children.get(current, ()))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -980,8 +1004,9 @@ def print_report(
     )
     emit("")
     emit("TPS: median over rounds; spread: (max-min)/median; mean, p99: medians of per-run")
-    emit("values from pgbench --log; proxy us/tx: CPU (user+sys) of the process in front of")
-    emit("the server per transaction; ratio: median of same-round TPS ratios vs the `vs` row.")
+    emit("values from pgbench --log; us/tx: CPU (user+sys) of the proxy in front of the server")
+    emit("(its process and child processes) per transaction; ratio: median of same-round TPS")
+    emit("ratios vs the `vs` row.")
     emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool;")
     emit("PgBouncer->PgBouncer is a calibration: one more hop as cheap as PgBouncer itself.")
     emit("")
@@ -1043,7 +1068,7 @@ def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
         print(f"profile: {profile['error']}", file=out)
         return
     print(
-        f"py-spy --native, Scalple->PgBouncer, -S c16 simple "
+        f"py-spy --native --subprocesses, Scalple->PgBouncer, -S c16 simple "
         f"({_num(profile['tps_under_profiler'], ',.0f')} tps under the profiler);",
         file=out,
     )
@@ -1068,7 +1093,8 @@ def profile_proxy(
 
     Not part of the measurement (py-spy steals CPU on a small machine); it tells where
     the relay spends its CPU.  ``--native`` so that time in uvloop/libuv and in system
-    calls is not lumped into whichever Python frame called them.
+    calls is not lumped into whichever Python frame called them; ``--subprocesses`` so
+    that helper processes (the audit worker) are sampled too.
     """
     target = env.targets["scalple_pgb"]
     assert target.proxy is not None and target.proxy.process is not None
@@ -1079,7 +1105,8 @@ def profile_proxy(
     rate = 200
     cmd = [
         spy, "record", "--pid", str(target.proxy.process.pid), "--duration", str(args.duration),
-        "--rate", str(rate), "--format", "raw", "--threads", "--native", "-o", str(raw),
+        "--rate", str(rate), "--format", "raw", "--threads", "--native", "--subprocesses",
+        "-o", str(raw),
     ]  # fmt: skip
     progress(f"profiling {target.label} with py-spy during a {args.duration} s -S c16 simple run")
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1099,7 +1126,7 @@ def profile_proxy(
     return {
         "file": str(raw),
         "tps_under_profiler": run.tps,
-        "threads": top_functions(raw, rate * args.duration),
+        "threads": top_functions(raw, rate * args.duration, target.proxy.process.pid),
     }
 
 
@@ -1107,7 +1134,9 @@ def _frame_name(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
-def top_functions(raw: Path, expected_samples: int, limit: int = 12) -> list[dict[str, Any]]:
+def top_functions(
+    raw: Path, expected_samples: int, main_pid: int = 0, limit: int = 12
+) -> list[dict[str, Any]]:
     """Per thread, the leaves with the most samples (own time), from py-spy's raw output.
 
     A native leaf (a system call, a libuv function) is shown with the innermost Python
@@ -1121,6 +1150,11 @@ def top_functions(raw: Path, expected_samples: int, limit: int = 12) -> list[dic
         if not count_text.isdigit():
             continue
         frames = stack.split(";")
+        if frames[0].startswith("process ") and len(frames) > 1:
+            # --subprocesses: 'process PID:"command line"', then the thread
+            pid = frames[0].split(":", 1)[0].removeprefix("process ").strip()
+            owner = "proxy" if pid == str(main_pid) else f"child {pid}"
+            frames = [f"{owner} {frames[1]}", *frames[2:]]
         leaf = _frame_name(frames[-1])
         python = [f for f in frames[1:] if ".py:" in f]
         if python and ".py" not in leaf:
@@ -1133,7 +1167,7 @@ def top_functions(raw: Path, expected_samples: int, limit: int = 12) -> list[dic
         ranked = sorted(own.items(), key=lambda kv: kv[1], reverse=True)[:limit]
         out.append(
             {
-                "name": re.sub(r"^thread \(\d+\): ", "", name),
+                "name": re.sub(r"thread \(\d+\): ", "", name),
                 "samples": total,
                 "active_pct": 100 * total / expected_samples if expected_samples else 0.0,
                 "own_time": [

@@ -311,7 +311,8 @@ def test_error_details_with_row_values_are_not_stored(route: Route) -> None:
     secret = f"{marker}-jane.secret@example.com"
     route.pg.psql(
         f"create table {marker}_src (email text); insert into {marker}_src values ('{secret}');"
-        f"create table {marker}_dst (email text unique); insert into {marker}_dst values ('{secret}');"
+        f"create table {marker}_dst (email text unique);"
+        f"insert into {marker}_dst values ('{secret}');"
         f"grant all on {marker}_src, {marker}_dst to app_user"
     )
     with psycopg.connect(route.dsn(), autocommit=True) as conn:

@@ -53,6 +53,9 @@ class AuditSink:
         self._on_congested: Callable[[], None] = _nothing
         self._on_drained: Callable[[], None] = _nothing
         self._stop = threading.Event()
+        # Set by the ack reader when the worker's pipe closes: how the handoff
+        # thread learns of a dead worker without polling the process.
+        self._worker_gone = threading.Event()
         self.congested = False
         self.submitted = 0
         self.written = 0
@@ -103,6 +106,7 @@ class AuditSink:
             name="scalple-audit-worker",
             daemon=True,
         )
+        self._worker_gone.clear()
         process.start()
         batches_out.close()
         acks_in.close()
@@ -144,11 +148,9 @@ class AuditSink:
         while not self._stop.is_set():
             self._stop.wait(self._interval)
             self._handoff_pending()
-            if (
-                self._process is not None
-                and not self._process.is_alive()
-                and not self._stop.is_set()
-            ):
+            if self._worker_gone.is_set() and not self._stop.is_set():
+                if self._process is not None:
+                    self._process.join(1.0)  # reap it; its pipe is already closed
                 self._restart_worker()
         self._handoff_pending()
 
@@ -166,7 +168,8 @@ class AuditSink:
             try:
                 ack: Ack = acks.recv()
             except (EOFError, OSError):
-                return  # worker gone: the handoff thread notices and restarts it
+                self._worker_gone.set()  # the handoff thread restarts it
+                return
             self._acknowledge(ack)
 
     def _acknowledge(self, ack: Ack) -> None:

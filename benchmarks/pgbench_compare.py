@@ -1130,6 +1130,9 @@ def profile_proxy(
     }
 
 
+_PROCESS_FRAMES = re.compile(r'(?:process \d+:"[^"]*";)+')
+
+
 def _frame_name(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
@@ -1149,12 +1152,15 @@ def top_functions(
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
             continue
+        owner = ""
+        if processes := _PROCESS_FRAMES.match(stack):
+            # --subprocesses: 'process PID:"command line"' for the proxy and each
+            # descendant down to the sampled one (command lines may contain ';')
+            pid = re.findall(r'process (\d+):"', processes.group(0))[-1]
+            owner = "proxy " if pid == str(main_pid) else f"child {pid} "
+            stack = stack[processes.end() :]
         frames = stack.split(";")
-        if frames[0].startswith("process ") and len(frames) > 1:
-            # --subprocesses: 'process PID:"command line"', then the thread
-            pid = frames[0].split(":", 1)[0].removeprefix("process ").strip()
-            owner = "proxy" if pid == str(main_pid) else f"child {pid}"
-            frames = [f"{owner} {frames[1]}", *frames[2:]]
+        frames[0] = owner + frames[0]
         leaf = _frame_name(frames[-1])
         python = [f for f in frames[1:] if ".py:" in f]
         if python and ".py" not in leaf:

@@ -184,3 +184,58 @@ def test_refused_statement_split_across_reads(
         with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
             conn.execute(big)
         assert conn.execute(big + " /*scalple.user_id='fay'*/").fetchone() == (500_000,)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select set_config('scalple.user_id', '', false), 1",  # not a bare set_config
+        "set scalple.user_id = ''; select 1",  # an empty identity is no identity
+        "reset scalple.user_id; select 1",
+        "/*scalple.user_id='x'*/ select 1; select 2",  # the comment covers its statement only
+        "begin; select 1; commit",
+    ],
+)
+def test_require_cannot_be_talked_around(
+    proxy_factory: ProxyFactory, pg: PostgresCluster, tmp_path: Path, sql: str
+) -> None:
+    proxy = proxy_requiring(proxy_factory, f"{pg.host}:{pg.port}", tmp_path, "any")
+    with connect(proxy) as conn, pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+        conn.execute(sql)
+
+
+def test_require_verified_ignores_unsigned_tokens(
+    proxy_factory: ProxyFactory, pg: PostgresCluster, tmp_path: Path
+) -> None:
+    proxy = proxy_requiring(proxy_factory, f"{pg.host}:{pg.port}", tmp_path, "verified")
+    with connect(proxy) as conn, pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+        conn.execute("set scalple.token = 'garbage'; select 1")
+    good = jwt({"sub": "gus", "exp": time.time() + 600})
+    with connect(proxy) as conn:
+        conn.execute(f"set scalple.token = '{good}'")
+        assert conn.execute("select 5").fetchone() == (5,)
+
+
+def test_function_call_protocol_is_checked(
+    proxy_factory: ProxyFactory, pg: PostgresCluster, tmp_path: Path
+) -> None:
+    """psql's \\lo_import uses FunctionCall messages: refused without identity."""
+    import os
+    import subprocess
+
+    proxy = proxy_requiring(proxy_factory, f"{pg.host}:{pg.port}", tmp_path, "any")
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
+        "PGPASSWORD": "app_pass"
+    }
+    args = ["psql", "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", "app_user", "-d", "app"]
+    refused = subprocess.run(
+        [*args, "-c", f"\\lo_import {blob}"], env=env, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "statement refused" in refused.stderr
+    env["PGOPTIONS"] = "-c scalple.user_id=hal"
+    allowed = subprocess.run(
+        [*args, "-c", f"\\lo_import {blob}"], env=env, capture_output=True, text=True
+    )
+    assert allowed.returncode == 0, allowed.stderr

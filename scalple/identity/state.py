@@ -296,6 +296,22 @@ class IdentityState:
             {"user_id": startup.user_id, "email": startup.email, "token": startup.token},
         )
 
+    def fork(self) -> IdentityState:
+        """A copy to try changes on without touching this state.
+
+        The ``[identity] require`` check applies the identity changes of a
+        statement that has not run yet to a fork, to learn whether what
+        follows it would have an acceptable identity.
+        """
+        twin = object.__new__(IdentityState)
+        for name in IdentityState.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin._session = dict(self._session)
+        twin._local = dict(self._local)
+        if self._session_before is not None:
+            twin._session_before = dict(self._session_before)
+        return twin
+
     def _refresh(self) -> None:
         """Recompute the effective identity; keep the old object if equal."""
         problem: str | None = None

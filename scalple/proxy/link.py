@@ -54,7 +54,7 @@ _HELD_LIMIT: Final = 1 << 20  # client bytes buffered while the upstream connect
 _REFUSAL_MARK: Final = b"scalple: statement refused"
 _REFUSED_QUERY: Final = P.build_message(b"Q", b'SELECT pg_catalog."' + _REFUSAL_MARK + b'"()\0')
 _REFUSED_EXECUTE: Final = P.build_message(b"E", _REFUSAL_MARK + b"\0\0\0\0\0")
-_CHECKED_TYPES: Final = (P.F_QUERY, P.F_EXECUTE)
+_CHECKED_TYPES: Final = (P.F_QUERY, P.F_EXECUTE, P.F_FUNCTION_CALL)
 _HOW_TO_IDENTIFY: Final = {
     "any": (
         "statement refused: no identity. Name the person with options=-c scalple.user_id=ID "
@@ -314,7 +314,8 @@ class ClientLink(asyncio.Protocol):
                     )
                     return
                 end += shift
-                replacement = _REFUSED_QUERY if mtype == P.F_QUERY else _REFUSED_EXECUTE
+                # A FunctionCall is answered like a Query: error, then ReadyForQuery.
+                replacement = _REFUSED_EXECUTE if mtype == P.F_EXECUTE else _REFUSED_QUERY
                 replacements.append((end - 5 - len(body), end, replacement))
             head = _splice(head, replacements)
             self.refusals += len(refused)

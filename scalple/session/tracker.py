@@ -40,7 +40,6 @@ from scalple._wire import (
 )
 from scalple.analysis.sql import split_statements
 from scalple.events import SessionInfo, StatementEvent, StatementStatus, WireProtocol
-from scalple.identity.settings import identity_changes
 from scalple.identity.state import Identity, IdentityState, Requirement
 
 if TYPE_CHECKING:
@@ -69,6 +68,13 @@ _PROTOCOL_OF: Final[dict[Kind, WireProtocol]] = {
 }
 _ROW_COMMANDS: Final = frozenset(
     {b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"COPY", b"FETCH", b"MOVE"}
+)
+# Statements that set the identity and nothing else: applied, when checking
+# [identity] require, to see what the statements after them run as.
+_SETS_IDENTITY: Final = re.compile(
+    r"(?is)\A\s*(?:set|reset|discard)\b"
+    r"|\A\s*select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'scalple\.\w+'\s*,"
+    r"\s*(?:\$\d+|'(?:[^']|'')*'|null)\s*,\s*(?:true|false|\$\d+)\s*\)\s*(?:as\s+\w+\s*)?;?\s*\Z"
 )
 # Statements that touch no data: allowed without an identity under
 # [identity] require (they are how a client sets one, or manage its session).
@@ -232,8 +238,10 @@ class StatementTracker:
             elif mtype == P.F_EXECUTE:
                 request = self._execute(body, now)
                 if require is not None and request is not None:
-                    query = request.portal.query if request.portal is not None else None
-                    if self._refuse(request, query, require):
+                    portal = request.portal
+                    query = portal.query if portal is not None else None
+                    params = portal.params if portal is not None else None
+                    if self._refuse(request, query, require, params):
                         refused = refused or []
                         refused.append(position)
             elif mtype == P.F_SYNC:
@@ -258,40 +266,77 @@ class StatementTracker:
                 self.terminated = True
             elif mtype == P.F_FUNCTION_CALL:
                 oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else 0
-                self._pending.append(Request(Kind.FUNCTION, now, b"<function call oid=%d>" % oid))
+                request = Request(Kind.FUNCTION, now, b"<function call oid=%d>" % oid)
+                self._pending.append(request)
+                if require is not None and self._refuse(request, None, require):
+                    refused = refused or []
+                    refused.append(position)
         return refused
 
-    def _refuse(self, request: Request, query: bytes | None, require: Requirement) -> bool:
+    def _refuse(
+        self,
+        request: Request,
+        query: bytes | None,
+        require: Requirement,
+        params: tuple[bytes | bytearray | None, ...] | None = None,
+    ) -> bool:
         """Whether ``request`` must be refused for want of an identity.
 
-        Allowed without one: statements that only control the transaction
-        or the session (BEGIN, SET, SHOW, ...), a Query whose statements up
-        to its first identity change are such statements, and anything
-        pipelined behind a statement that sets the identity (the server
-        runs them after it; if it fails, the server skips them).
+        Every statement of the request is checked on its own, in order, on a
+        fork of the identity state: statements that set the identity (SET,
+        RESET, DISCARD, a bare ``select set_config('scalple.x', ...)``) are
+        applied to the fork, transaction and session control passes, and
+        every other statement needs an acceptable identity in the fork.  An
+        Execute also sees the identity changes pipelined before it in the
+        same batch (if one fails, the server skips the rest of the batch).
         """
-        text = None
-        if query is not None and identity_hint(query):
-            text = query.decode("utf-8", "replace")
-        if self._identity.for_statement(text).acceptable(require):
-            return False
-        if any(pending.sets_identity for pending in self._pending):
-            return False
+        state = self._identity
         if query is None:
+            # A function call, or a statement prepared where the proxy could
+            # not see it: only the identity already in force can allow it.
+            if state.for_statement(None).acceptable(require):
+                return False
             request.refused = True
-            return True  # prepared where the proxy could not see it
-        statements = split_statements(query.decode("utf-8", "replace"))
-        first_change = len(statements)
-        if text is not None:
-            changes = identity_changes(text)
-            if changes:
-                first_change = min(change.index for change in changes)
+            return True
+        if not identity_hint(query):
+            if state.for_statement(None).acceptable(require):
+                return False  # the common case: nothing mentions identity
+            text = query.decode("utf-8", "replace")
+            if all(_ALWAYS_ALLOWED.match(s) for s in split_statements(text)):
+                return False
+            request.refused = True
+            return True
+        text = query.decode("utf-8", "replace")
+        fork = state.fork()
+        if request.kind == Kind.EXECUTE:
+            self._apply_batch_changes(fork)
+        statements = split_statements(text)
+        single = len(statements) <= 1
+        for index, statement in enumerate(statements):
+            position = None if single else index
+            if _SETS_IDENTITY.match(statement):
+                fork.statement_succeeded(text, index, params)
                 request.sets_identity = True
-        if all(_ALWAYS_ALLOWED.match(s) for s in statements[:first_change]):
-            return False
-        request.sets_identity = False
-        request.refused = True
-        return True
+            elif _ALWAYS_ALLOWED.match(statement):
+                continue
+            elif not fork.for_statement(text, position).acceptable(require):
+                request.sets_identity = False
+                request.refused = True
+                return True
+        return False
+
+    def _apply_batch_changes(self, fork: IdentityState) -> None:
+        """Apply identity changes of the Executes queued since the last Sync."""
+        batch: list[Request] = []
+        for pending in reversed(self._pending):
+            if pending.kind != Kind.EXECUTE:
+                break
+            batch.append(pending)
+        for pending in reversed(batch):
+            portal = pending.portal
+            if pending.sets_identity and portal is not None and portal.query is not None:
+                text = portal.query.decode("utf-8", "replace")
+                fork.statement_succeeded(text, 0, portal.params)
 
     def _parse(self, body: bytes, truncated: bool) -> None:
         try:

@@ -411,6 +411,11 @@ class StatementTracker:
                 # errors (admin shutdown), or traffic before the first request.
                 if mtype == P.B_READY_FOR_QUERY:
                     self._ready(body)
+                elif mtype == P.B_ERROR and P.parse_error_fields(body).get("S") != "FATAL":
+                    # A Parse/Bind/Describe/Close answered after a Flush failed:
+                    # the server now skips everything up to the next Sync.
+                    self._tx_error = True
+                    self._skip_to_sync = True
                 continue
             head = pending[0]
             if mtype == P.B_COMMAND_COMPLETE:

@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from scalple.config import Config
+from scalple.logsafe import where
 from scalple.records import AUDIT_FILE
 from scalple.sink.base import Event
 from scalple.sink.worker import Ack, worker_main
@@ -133,6 +134,8 @@ class AuditSink:
             resend = list(self._unacked)
         for batch in resend:
             self._send(batch)
+        if not resend:
+            self._drained()  # nothing to confirm: no ack would ever clear it
 
     def _send(self, batch: list[Event]) -> bool:
         assert self._batches is not None
@@ -170,7 +173,10 @@ class AuditSink:
             except (EOFError, OSError):
                 self._worker_gone.set()  # the handoff thread restarts it
                 return
-            self._acknowledge(ack)
+            try:
+                self._acknowledge(ack)
+            except Exception as exc:  # keep reading acks whatever happens
+                log.error("handling an audit acknowledgement failed (%s)", where(exc))
 
     def _acknowledge(self, ack: Ack) -> None:
         written, counts, failed_writes = ack
@@ -184,11 +190,15 @@ class AuditSink:
         for status, count in counts.items():
             self.statements[status] = self.statements.get(status, 0) + count
         if self.congested and self.pending < self._max_pending // 2:
-            self.congested = False
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._on_drained)
+            self._drained()
         elif not self.congested and self._unacked_events >= self._max_pending:
             self._congest(f"{self._unacked_events} events not yet written by the audit worker")
+
+    def _drained(self) -> None:
+        """Let the relay read from clients again; called from any thread."""
+        self.congested = False
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_drained)
 
     def _congest(self, why: str) -> None:
         """Stop the relay reading from clients; called from any thread."""

@@ -16,7 +16,7 @@ import msgspec
 
 from scalple.events import StatementEvent
 from scalple.logsafe import where
-from scalple.records import AUDIT_FILE, SessionRecord, StatementRecord, to_session_record
+from scalple.records import AUDIT_FILE, SessionRecord, StatementRecord, rfc3339, to_session_record
 from scalple.sink.base import Event
 from scalple.sink.enrich import Enricher
 
@@ -35,23 +35,32 @@ def last_seq(path: Path) -> int:
     never reused, so the writer continues after the last whole record.
     """
     try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - (1 << 16)))
-            tail = handle.read()
+        handle = path.open("rb")
     except FileNotFoundError:
         return 0
-    for line in reversed(tail.split(b"\n")):
-        if not line.strip():
-            continue
-        try:
-            record = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("seq"), int):
-            return int(record["seq"])
-    return 0
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        window = 1 << 16
+        while True:
+            # Grow the window until it holds a whole line (records can be
+            # larger than any fixed window: a query up to capture_limit).
+            start = max(0, size - window)
+            handle.seek(start)
+            lines = handle.read(size - start).split(b"\n")
+            if start > 0:
+                lines = lines[1:]  # the first piece may be a line's tail
+            for line in reversed(lines):
+                if not line.strip():
+                    continue
+                try:
+                    record = msgspec.json.decode(line)
+                except msgspec.DecodeError:
+                    continue  # a torn line
+                if isinstance(record, dict) and isinstance(record.get("seq"), int):
+                    return int(record["seq"])
+            if start == 0:
+                return 0
+            window *= 4
 
 
 class RecordWriter:
@@ -73,15 +82,16 @@ class RecordWriter:
         until it is written: the proxy has stopped reading from clients
         meanwhile, because this batch is not acknowledged.
         """
-        data = self._records(batch)
-        while True:
+        data = memoryview(self._records(batch))
+        while data:
             try:
-                self._file.write(data)
-                break
+                written = self._file.write(data)  # raw file: may write only part
             except OSError as exc:
                 self.failed_writes += 1
-                log.error("cannot write audit log %s: %s; retrying", self.path, exc)
+                log.error("cannot write audit log %s: %s; retrying", self.path, exc.strerror)
                 time.sleep(_RETRY_SECONDS)
+                continue
+            data = data[written or 0 :]
         counts: dict[str, int] = {}
         for event in batch:
             if type(event) is StatementEvent:
@@ -93,16 +103,7 @@ class RecordWriter:
         encode = self._encode
         lines: list[bytes] = []
         for event in batch:
-            record: StatementRecord | SessionRecord
-            if type(event) is StatementEvent:
-                try:
-                    record = self._enricher.record(event)
-                except Exception as exc:
-                    # Never lose the statement: fall back to what the relay saw.
-                    log.error("building the record failed (%s); writing it bare", where(exc))
-                    record = self._enricher.bare_record(event)
-            else:
-                record = to_session_record(event)  # type: ignore[arg-type]
+            record = self._record(event)
             self._seq += 1
             record.seq = self._seq
             digest = blake3.blake3(_LEAF_PREFIX + encode(record)).hexdigest()
@@ -110,6 +111,30 @@ class RecordWriter:
             lines.append(encode(record))
         lines.append(b"")
         return b"\n".join(lines)
+
+    def _record(self, event: Event) -> StatementRecord | SessionRecord:
+        """The record for one event; never raises, so no batch can poison
+        the worker (a restart would resend it and fail again)."""
+        try:
+            if type(event) is StatementEvent:
+                try:
+                    return self._enricher.record(event)
+                except Exception as exc:
+                    # Never lose the statement: fall back to what the relay saw.
+                    log.error("building the record failed (%s); writing it bare", where(exc))
+                    return self._enricher.bare_record(event)
+            return to_session_record(event)  # type: ignore[arg-type]
+        except Exception as exc:
+            log.error("event could not be rendered (%s); writing a stub", where(exc))
+            return SessionRecord(
+                kind="unrenderable_event",
+                ts=rfc3339(time.time_ns()),
+                session_id=None,
+                client_addr="",
+                db_role=None,
+                database=None,
+                reason=f"event of type {type(event).__name__} could not be rendered: {where(exc)}",
+            )
 
     def close(self) -> None:
         os.fsync(self._file.fileno())

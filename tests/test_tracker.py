@@ -1,0 +1,75 @@
+"""The statement tracker and the record writer on their own, with synthetic
+protocol traffic: the corner cases no driver produces on demand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scalple import protocol as P
+from scalple.events import SessionInfo, StatementEvent
+from scalple.identity.startup import StartupIdentity
+from scalple.identity.state import IdentityState
+from scalple.session.tracker import StatementTracker
+from scalple.sink.writer import last_seq
+
+SESSION = SessionInfo("s-1", "127.0.0.1:1", "app_user", "app", "", None, None, "none", False, 0)
+
+
+def tracker() -> tuple[StatementTracker, list[StatementEvent]]:
+    events: list[StatementEvent] = []
+    return StatementTracker(SESSION, events.append, IdentityState(StartupIdentity(), None)), events
+
+
+def fe(mtype: str, body: bytes) -> tuple[int, bytes, bool, int, int]:
+    return (ord(mtype), body, False, 0, 0)
+
+
+def error(code: str, severity: str = "ERROR") -> bytes:
+    return P.build_error(code, "boom", severity=severity)[5:]
+
+
+def test_error_after_flush_with_nothing_pending_skips_to_sync() -> None:
+    """Parse fails and is answered after a Flush: the server then skips what
+    the client sends until Sync, so a Query sent meanwhile never runs."""
+    t, events = tracker()
+    t.on_frontend([fe("P", b"\0selec oops\0\0\0"), fe("H", b"")], 1)
+    t.on_backend([fe("E", error("42601"))], 2)
+    t.on_frontend([fe("Q", b"select 1\0"), fe("S", b"")], 3)
+    t.on_backend([fe("Z", b"I")], 4)
+    t.on_frontend([fe("Q", b"select 2\0")], 5)
+    t.on_backend([fe("C", b"SELECT 1\0"), fe("Z", b"I")], 6)
+    assert [(e.query, e.tag) for e in events] == [(b"select 2", b"SELECT 1")]
+
+
+def test_pipelined_error_skips_the_rest_of_the_batch() -> None:
+    t, events = tracker()
+    t.on_frontend(
+        [
+            fe("P", b"\0select 1\0\0\0"),
+            fe("B", b"\0\0\0\0\0\0\0\0"),
+            fe("E", b"\0\0\0\0\0"),
+            fe("P", b"\0select 1/0\0\0\0"),
+            fe("B", b"\0\0\0\0\0\0\0\0"),
+            fe("E", b"\0\0\0\0\0"),
+            fe("P", b"\0select 3\0\0\0"),
+            fe("B", b"\0\0\0\0\0\0\0\0"),
+            fe("E", b"\0\0\0\0\0"),
+            fe("S", b""),
+        ],
+        1,
+    )
+    t.on_backend([fe("C", b"SELECT 1\0"), fe("E", error("22012")), fe("Z", b"I")], 2)
+    assert [(e.query, e.status, e.sqlstate) for e in events] == [
+        (b"select 1", "ok", None),
+        (b"select 1/0", "error", "22012"),
+    ]
+    assert t.idle
+
+
+def test_last_seq_finds_a_record_larger_than_its_first_window(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    big = json.dumps({"seq": 41, "query": "x" * 200_000})
+    path.write_text(json.dumps({"seq": 40}) + "\n" + big + "\n" + '{"seq": 42, "torn')
+    assert last_seq(path) == 41
+    assert last_seq(tmp_path / "missing.jsonl") == 0

@@ -51,7 +51,7 @@ F_TERMINATE: Final = ord("X")  # Terminate
 
 FRONTEND_ALLOWED: Final = b"BCdcfDEHFPpQSX"
 """Every type a client may send after the startup packet."""
-FRONTEND_CAPTURE: Final = b"QPBECSFXD"
+FRONTEND_CAPTURE: Final = b"QPBECSFXDcf"
 """Types whose bodies the statement tracker needs."""
 
 # --- Backend message types -------------------------------------------------
@@ -61,6 +61,7 @@ B_BIND_COMPLETE: Final = ord("2")  # BindComplete
 B_PARAMETER_DESCRIPTION: Final = ord("t")  # ParameterDescription
 B_COMMAND_COMPLETE: Final = ord("C")  # CommandComplete
 B_COPY_DATA: Final = ord("d")  # CopyData
+B_COPY_IN: Final = ord("G")  # CopyInResponse
 B_DATA_ROW: Final = ord("D")  # DataRow
 B_EMPTY_QUERY: Final = ord("I")  # EmptyQueryResponse
 B_ERROR: Final = ord("E")  # ErrorResponse
@@ -71,7 +72,7 @@ B_PARSE_COMPLETE: Final = ord("1")  # ParseComplete
 B_PORTAL_SUSPENDED: Final = ord("s")  # PortalSuspended
 B_READY_FOR_QUERY: Final = ord("Z")  # ReadyForQuery
 
-BACKEND_CAPTURE: Final = b"CEZsIVt"
+BACKEND_CAPTURE: Final = b"CEZsIVtG"
 """Types that end a statement or a request: the tracker matches on these."""
 BACKEND_COUNT: Final = b"Dd"
 """Types counted per statement (result rows, COPY OUT rows)."""

@@ -73,3 +73,30 @@ def test_last_seq_finds_a_record_larger_than_its_first_window(tmp_path: Path) ->
     path.write_text(json.dumps({"seq": 40}) + "\n" + big + "\n" + '{"seq": 42, "torn')
     assert last_seq(path) == 41
     assert last_seq(tmp_path / "missing.jsonl") == 0
+
+
+def test_extended_copy_from_stdin_with_libpq_syncs() -> None:
+    """libpq: Parse/Bind/Describe/Execute/Sync, then (after CopyInResponse)
+    CopyData, CopyDone, Sync. The server ignores the first Sync, so there is
+    one ReadyForQuery for two Syncs; the queue must not fall one behind."""
+    t, events = tracker()
+    t.on_frontend(
+        [
+            fe("P", b"\0copy t from stdin\0\0\0"),
+            fe("B", b"\0\0\0\0\0\0\0\0"),
+            fe("D", b"P\0"),
+            fe("E", b"\0\0\0\0\0"),
+            fe("S", b""),
+        ],
+        1,
+    )
+    t.on_backend([fe("G", b"\0\0\0")], 2)
+    t.on_frontend([fe("c", b""), fe("S", b"")], 3)
+    t.on_backend([fe("C", b"COPY 5\0"), fe("Z", b"I")], 4)
+    t.on_frontend([fe("Q", b"select 1\0")], 5)
+    t.on_backend([fe("C", b"SELECT 1\0"), fe("Z", b"I")], 6)
+    assert [(e.query, e.tag, e.rows) for e in events] == [
+        (b"copy t from stdin", b"COPY 5", 5),
+        (b"select 1", b"SELECT 1", 1),
+    ]
+    assert t.idle

@@ -171,6 +171,7 @@ class StatementTracker:
     """The statement-matching state of one client session."""
 
     __slots__ = (
+        "_copy_in",
         "_describes",
         "_emit",
         "_identity",
@@ -203,6 +204,7 @@ class StatementTracker:
         self._portals: dict[bytes, Portal] = {}
         self._pending: deque[Request] = deque()
         self._skip_to_sync = False  # server discards client messages until Sync
+        self._copy_in = False  # extended-protocol COPY FROM STDIN: Syncs are ignored
         # Describe(statement) requests awaiting ParameterDescription, with the
         # number of Syncs sent before each: an error skips its whole batch.
         self._describes: deque[tuple[bytes, int]] = deque()
@@ -245,6 +247,8 @@ class StatementTracker:
                         refused = refused or []
                         refused.append(position)
             elif mtype == P.F_SYNC:
+                if self._copy_in:
+                    continue  # the server ignores Sync during copy-in
                 self._skip_to_sync = False
                 self._syncs_sent += 1
                 self._pending.append(Request(Kind.SYNC, now))
@@ -262,6 +266,8 @@ class StatementTracker:
                 self._parse(body, truncated)
             elif mtype == P.F_CLOSE:
                 self._close(body)
+            elif mtype == P.F_COPY_DONE or mtype == P.F_COPY_FAIL:
+                self._copy_in = False
             elif mtype == P.F_TERMINATE:
                 self.terminated = True
             elif mtype == P.F_FUNCTION_CALL:
@@ -440,9 +446,23 @@ class StatementTracker:
                 elif head.kind == Kind.QUERY:
                     head.index += 1
                     head.started_ns = now
+            elif mtype == P.B_COPY_IN and head.kind == Kind.EXECUTE:
+                self._start_copy_in()
             elif mtype == P.B_FUNCTION_RESULT and head.kind == Kind.FUNCTION:
                 self._record(head, now, b"FUNCTION CALL", None, "ok", None, "function")
                 head.failed = True  # answered; ReadyForQuery ends it
+
+    def _start_copy_in(self) -> None:
+        """An Execute started COPY FROM STDIN.
+
+        The server ignores every Sync it reads until CopyDone or CopyFail,
+        and libpq sends one before the data (with the Execute) and one
+        after CopyDone: the ones queued so far will get no ReadyForQuery.
+        """
+        self._copy_in = True
+        head = self._pending.popleft()
+        self._pending = deque(r for r in self._pending if r.kind != Kind.SYNC)
+        self._pending.appendleft(head)
 
     def _parameter_types(self, body: bytes) -> None:
         """Types the server inferred for a statement prepared without them

@@ -536,6 +536,11 @@ class ClientLink(asyncio.Protocol):
             tracker.on_backend(captured, _monotonic_ns())  # type: ignore[union-attr]
         except Exception as exc:
             self._proxy.observation_failed(self, "backend", exc)
+        if self.refusals and tracker is not None and tracker.answered:
+            # A refused statement can end in another error (25P02 in an
+            # aborted transaction) or be skipped after an earlier one: once
+            # everything is answered, no rewritten error can still come.
+            self.refusals = 0
         if self.draining and tracker is not None and tracker.idle:
             self._close(
                 "proxy shutting down",

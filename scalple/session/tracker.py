@@ -215,6 +215,11 @@ class StatementTracker:
         self.terminated = False  # the client sent Terminate: a closing upstream is expected
 
     @property
+    def answered(self) -> bool:
+        """Every request sent so far has been answered."""
+        return not self._pending
+
+    @property
     def idle(self) -> bool:
         """No request in flight and no transaction open: safe to disconnect."""
         return not self._pending and not self._in_tx

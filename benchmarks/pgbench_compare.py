@@ -585,12 +585,19 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
     for table, values in args.scalple_set.items():
         proxy_config.setdefault(table, {}).update(values)
     proxies: dict[str, ScalpleServer] = {}
-    for key, upstream in (
-        ("scalple_pgb", bouncer),
-        ("scalple_pgb_session", session_bouncer),
-        ("scalple_pg", cluster),
+    # The relay-only proxy writes records without statement analysis: the
+    # same run then shows what analysis costs (issue 3's 5% target).
+    relay_only = {
+        **proxy_config,
+        "analysis": {**proxy_config.get("analysis", {}), "enabled": False},
+    }
+    for key, upstream, config in (
+        ("scalple_pgb", bouncer, proxy_config),
+        ("scalple_pgb_session", session_bouncer, proxy_config),
+        ("scalple_pg", cluster, proxy_config),
+        ("scalple_pgb_relay", bouncer, relay_only),
     ):
-        proxy = ScalpleServer(f"{upstream.host}:{upstream.port}", config=proxy_config)
+        proxy = ScalpleServer(f"{upstream.host}:{upstream.port}", config=config)
         stack.callback(proxy.cleanup)
         proxy.start()
         proxies[key] = proxy
@@ -653,6 +660,16 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
             proxy_pid=_pid_of(proxies["scalple_pgb_session"]),
         ),
         Target(
+            "scalple_pgb_relay",
+            "Scalple->PgB, no analysis",
+            proxies["scalple_pgb_relay"].host,
+            proxies["scalple_pgb_relay"].port,
+            "S->PgB[r]",
+            "pgb",
+            proxies["scalple_pgb_relay"],
+            proxy_pid=_pid_of(proxies["scalple_pgb_relay"]),
+        ),
+        Target(
             "scalple_pg",
             "Scalple->PostgreSQL",
             proxies["scalple_pg"].host,
@@ -705,7 +722,7 @@ def targets_for(workload: Workload) -> list[str]:
     if workload.key == "c16_prepared":
         return ["pg", "pgb", "scalple_pgb", "pgb_session", "scalple_pgb_session", "scalple_pg"]
     if workload.key == "c16_simple":
-        return ["pg", "pgb", "scalple_pgb", "pgb_pgb", "scalple_pg"]
+        return ["pg", "pgb", "scalple_pgb", "scalple_pgb_relay", "pgb_pgb", "scalple_pg"]
     return ["pg", "pgb", "scalple_pgb", "scalple_pg"]
 
 
@@ -896,6 +913,24 @@ def checks(rows: list[Row]) -> list[Check]:
         )
 
     add("Scalple->PgBouncer >= 0.75x PgBouncer", "c16_simple", "scalple_pgb", "pgb", 0.75)
+    full = index.get(("c16_simple", "scalple_pgb"))
+    relay = index.get(("c16_simple", "scalple_pgb_relay"))
+    if full is not None and relay is not None:
+        # Issue 3: full records within 5% of records without analysis, same run.
+        ratio = full.tps_median / relay.tps_median if full.tps_median and relay.tps_median else None
+        status = "N/A" if ratio is None else ("PASS" if ratio >= 0.95 else "MISS")
+        out.append(
+            Check(
+                "records with analysis >= 0.95x records without",
+                "c16_simple",
+                "scalple_pgb",
+                "scalple_pgb_relay",
+                0.95,
+                ratio,
+                status,
+                "ratio of the median TPS of the two proxies in this run",
+            )
+        )
     add("Scalple->PgBouncer >= 0.85x PgBouncer", "c16_prepared", "scalple_pgb", "pgb", 0.85)
     add(
         "Scalple->PgBouncer >= 0.85x PgBouncer",

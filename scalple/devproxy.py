@@ -19,9 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import msgspec
-
 from scalple.devcluster import free_port
+from scalple.query.reader import LogReader
 
 __all__ = ["ScalpleServer"]
 
@@ -117,19 +116,10 @@ class ScalpleServer:
 
     def records(self, kind: str | None = "statement") -> list[dict[str, Any]]:
         """Every record written so far (of ``kind``, or all when None)."""
-        try:
-            data = self.audit_path.read_bytes()
-        except FileNotFoundError:
+        if not self.log_dir.is_dir():
             return []
-        out = []
-        # The last piece is empty, or a line the writer is still appending.
-        for line in data.split(b"\n")[:-1]:
-            if not line:
-                continue
-            record = msgspec.json.decode(line)
-            if kind is None or record.get("kind") == kind:
-                out.append(record)
-        return out
+        kinds = None if kind is None else frozenset({kind})
+        return list(LogReader(self.log_dir).records(kinds=kinds))
 
     def wait_for_records(
         self,

@@ -54,6 +54,9 @@ _HELD_LIMIT: Final = 1 << 20  # client bytes buffered while the upstream connect
 _REFUSAL_MARK: Final = b"scalple: statement refused"
 _REFUSED_QUERY: Final = P.build_message(b"Q", b'SELECT pg_catalog."' + _REFUSAL_MARK + b'"()\0')
 _REFUSED_EXECUTE: Final = P.build_message(b"E", _REFUSAL_MARK + b"\0\0\0\0\0")
+_SHUTDOWN_ERROR: Final = P.build_error(
+    P.SQLSTATE_ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down"
+)
 _CHECKED_TYPES: Final = (P.F_QUERY, P.F_EXECUTE, P.F_FUNCTION_CALL)
 _HOW_TO_IDENTIFY: Final = {
     "any": (
@@ -508,13 +511,7 @@ class ClientLink(asyncio.Protocol):
         if self._proxy.sink.congested:
             self.pause(Pause.SINK)
         if self.draining:
-            self._close(
-                "proxy shutting down",
-                P.build_error(
-                    P.SQLSTATE_ADMIN_SHUTDOWN,
-                    "terminating connection because the proxy is shutting down",
-                ),
-            )
+            self._close_for_shutdown()
 
     def _startup_timed_out(self) -> None:
         self._timer = None
@@ -542,13 +539,7 @@ class ClientLink(asyncio.Protocol):
             # everything is answered, no rewritten error can still come.
             self.refusals = 0
         if self.draining and tracker is not None and tracker.idle:
-            self._close(
-                "proxy shutting down",
-                P.build_error(
-                    P.SQLSTATE_ADMIN_SHUTDOWN,
-                    "terminating connection because the proxy is shutting down",
-                ),
-            )
+            self._close_for_shutdown()
 
     # -- ending ----------------------------------------------------------------
 
@@ -586,15 +577,12 @@ class ClientLink(asyncio.Protocol):
         self.draining = True
         tracker = self._tracker
         if self.phase is Phase.READY and tracker is not None and tracker.idle:
-            self._close(
-                "proxy shutting down",
-                P.build_error(
-                    P.SQLSTATE_ADMIN_SHUTDOWN,
-                    "terminating connection because the proxy is shutting down",
-                ),
-            )
+            self._close_for_shutdown()
         elif self.phase in (Phase.PREAMBLE, Phase.CONNECTING):
             self._reject(P.SQLSTATE_ADMIN_SHUTDOWN, "the proxy is shutting down")
+
+    def _close_for_shutdown(self) -> None:
+        self._close("proxy shutting down", _SHUTDOWN_ERROR)
 
     def force_close(self, reason: str) -> None:
         self._close(

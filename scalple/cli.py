@@ -61,7 +61,7 @@ async def _serve(config: Config, verbose: bool) -> int:
     )
     await proxy.shutdown()
     sink.close()
-    log.info("stopped; %d events written to %s", sink.written, sink.path)
+    log.info("stopped; %d events written to %s", sink.written, sink.log_dir)
     return 0
 
 

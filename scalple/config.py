@@ -8,6 +8,7 @@ typo in an audit proxy's configuration must never silently turn a feature off.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,7 +26,9 @@ __all__ = [
     "ServerConfig",
     "UpstreamConfig",
     "load_config",
+    "log_origin",
     "parse_address",
+    "parse_duration",
 ]
 
 
@@ -62,12 +65,23 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """``[log]``: where and how audit events are written."""
+    """``[log]``: where and how audit records are written and kept."""
 
     dir: str = "scalple-log"
     capture_limit: Bytes = 1024 * 1024
     max_pending: Annotated[int, msgspec.Meta(ge=100)] = 100_000
     flush_interval: Seconds = 0.005
+    origin: str = ""
+    signing_key: str | None = None
+    checkpoint_mirror: str | None = None
+    durability: Literal["async", "strict"] = "async"
+    sync_interval: Annotated[float, msgspec.Meta(gt=0, le=0.01)] = 0.01
+    on_failure: Literal["block", "continue"] = "block"
+    segment_size: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
+    segment_age: str = "1h"
+    checkpoint_interval: Seconds = 1.0
+    checkpoint_records: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    retention: str = ""
 
 
 class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -116,6 +130,27 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     analysis: AnalysisConfig = msgspec.field(default_factory=AnalysisConfig)
 
 
+_UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, key: str = "duration") -> float:
+    """Seconds in ``90s``, ``15m``, ``12h``, ``400d``; the error names ``key``."""
+    text = text.strip()
+    number, unit = text[:-1], text[-1:]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise ConfigError(f"{key}: expected a duration like 90s, 15m, 12h or 400d, got {text!r}")
+    return value * _UNITS[unit]
+
+
+def log_origin(config: LogConfig) -> str:
+    """The origin line of this proxy's checkpoints: configured, else the host's."""
+    return config.origin or f"{socket.gethostname()}/scalple"
+
+
 def parse_address(text: str, *, key: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6); the error names ``key``."""
     host, sep, port = text.rpartition(":")
@@ -127,6 +162,13 @@ def parse_address(text: str, *, key: str) -> tuple[str, int]:
 def _validate(config: Config, source: str) -> Config:
     parse_address(config.server.listen, key=f"{source}: $.server.listen")
     parse_address(config.upstream.address, key=f"{source}: $.upstream.address")
+    parse_duration(config.log.segment_age, key=f"{source}: $.log.segment_age")
+    if config.log.retention:
+        parse_duration(config.log.retention, key=f"{source}: $.log.retention")
+    if config.log.origin and (
+        config.log.origin != config.log.origin.strip() or not config.log.origin.isprintable()
+    ):
+        raise ConfigError(f"{source}: $.log.origin: printable text without edge spaces, please")
     if config.metrics.listen:
         parse_address(config.metrics.listen, key=f"{source}: $.metrics.listen")
     if (config.server.tls_cert is None) != (config.server.tls_key is None):
@@ -138,6 +180,7 @@ def _validate(config: Config, source: str) -> Config:
         ("identity.hs256_secret_file", config.identity.hs256_secret_file),
         ("identity.public_key_file", config.identity.public_key_file),
         ("catalog.password_file", config.catalog.password_file),
+        ("log.signing_key", config.log.signing_key),
     ):
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{source}: $.{key}: no such file {path!r}")

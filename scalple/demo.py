@@ -127,16 +127,17 @@ def run_demo(*, json_output: bool = False) -> int:
         with _timed("stopping Scalple (flushes the audit log)"):
             proxy.stop()
         records = proxy.records()
-        kept = Path(".demo")
-        kept.mkdir(exist_ok=True)
-        shutil.copy(proxy.audit_path, kept / "audit.jsonl")
+        kept = Path(".demo") / "log"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(proxy.log_dir, kept)
         if json_output:
-            for line in proxy.audit_path.read_text(encoding="utf-8").splitlines():
-                print(line)
+            import msgspec
+
+            for record in proxy.records(kind=None):
+                sys.stdout.buffer.write(msgspec.json.encode(record) + b"\n")
+            sys.stdout.flush()
         else:
-            print(
-                f"\nAudit log ({len(records)} statements; a copy is in {kept / 'audit.jsonl'}):\n"
-            )
+            print(f"\nAudit log ({len(records)} statements; a copy is in {kept}):\n")
             # Always at least 100 columns: the demo is read by people, even in a pipe.
             width = max(100, shutil.get_terminal_size((160, 24)).columns)
             print(header())

@@ -24,8 +24,6 @@ from scalple.query.reader import LogReader
 
 __all__ = ["ScalpleServer"]
 
-_AUDIT_FILE = "audit.jsonl"
-
 
 def _toml_value(value: object) -> str:
     if isinstance(value, list | tuple):
@@ -77,9 +75,13 @@ class ScalpleServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
-    @property
-    def audit_path(self) -> Path:
-        return self.log_dir / _AUDIT_FILE
+    def log_bytes(self) -> bytes:
+        """Every byte the proxy wrote under its log directory (for leak scans)."""
+        if not self.log_dir.is_dir():
+            return b""
+        return b"".join(
+            path.read_bytes() for path in sorted(self.log_dir.rglob("*")) if path.is_file()
+        )
 
     def start(self, timeout: float = 15.0) -> None:
         stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child

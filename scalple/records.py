@@ -16,18 +16,20 @@ import msgspec
 from scalple.events import SessionClosed, SessionInfo, SessionRejected, StatementEvent
 
 __all__ = [
-    "AUDIT_FILE",
     "SessionRecord",
     "StatementRecord",
+    "decode_record",
+    "encode_record",
     "format_param",
+    "record_dict",
     "rfc3339",
     "statement_params",
     "to_session_record",
 ]
 
 
-AUDIT_FILE = "audit.jsonl"
-"""The log file inside the log directory (the tamper-evident store replaces it)."""
+_STATEMENT = b"S"
+_SESSION = b"E"
 
 
 _second_cache: tuple[int, str] = (-1, "")
@@ -81,7 +83,7 @@ def format_param(value: bytes | bytearray | None, oid: int = 0) -> str | None:
     return "\\x" + value.hex()
 
 
-class StatementRecord(msgspec.Struct, kw_only=True):
+class StatementRecord(msgspec.Struct, kw_only=True, array_like=True):
     """One executed statement: the audit record.
 
     The first 26 fields are the record format promised in
@@ -152,7 +154,7 @@ class StatementRecord(msgspec.Struct, kw_only=True):
     analysis_notes: list[str] = msgspec.field(default_factory=list)
 
 
-class SessionRecord(msgspec.Struct, kw_only=True):
+class SessionRecord(msgspec.Struct, kw_only=True, array_like=True):
     """A session opening, closing, or a connection refused before it became one."""
 
     kind: str  # session_open | session_close | session_reject
@@ -221,3 +223,34 @@ def to_session_record(event: SessionInfo | SessionClosed | SessionRejected) -> S
         reason=event.reason,
         sqlstate=event.sqlstate,
     )
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_statement = msgspec.msgpack.Decoder(StatementRecord).decode
+_decode_session = msgspec.msgpack.Decoder(SessionRecord).decode
+
+
+def encode_record(record: StatementRecord | SessionRecord) -> bytes:
+    """The stored bytes of a record: a type byte, then positional msgpack.
+
+    These bytes are what the Merkle tree commits to; ``log_id`` is not among
+    them (it is derived from their hash), so it is left out when encoding.
+    """
+    record.log_id = None
+    kind = _STATEMENT if type(record) is StatementRecord else _SESSION
+    return kind + _encode(record)
+
+
+def decode_record(payload: bytes) -> StatementRecord | SessionRecord:
+    """The record stored as ``payload``; raises msgspec.DecodeError or ValueError."""
+    kind = payload[:1]
+    if kind == _STATEMENT:
+        return _decode_statement(payload[1:])
+    if kind == _SESSION:
+        return _decode_session(payload[1:])
+    raise ValueError(f"unknown record type byte {kind!r}")
+
+
+def record_dict(record: StatementRecord | SessionRecord) -> dict[str, object]:
+    """A record as a mapping with its field names (what readers and JSON show)."""
+    return msgspec.structs.asdict(record)

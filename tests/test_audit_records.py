@@ -966,7 +966,7 @@ def test_tokens_end_to_end(
 
     # The tokens themselves are never written: not in the audit log, not in the
     # proxy's own log.  The SETs are on record, with the token redacted.
-    log = proxy.audit_path.read_bytes()
+    log = proxy.log_bytes()
     for token in (good, expired, forged):
         assert token.encode() not in log
         assert token.rsplit(".", 1)[1].encode() not in log  # nor its signature

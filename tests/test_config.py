@@ -11,6 +11,7 @@ import pytest
 
 from scalple.config import ConfigError, load_config
 from scalple.devcluster import PostgresCluster, free_port
+from scalple.query.reader import LogReader
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -117,10 +118,9 @@ def test_serve_with_three_flags_and_no_config(tmp_path: Path, pg: PostgresCluste
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
-    lines = (log_dir / "audit.jsonl").read_text().splitlines()
-    statements = [line for line in lines if '"kind":"statement"' in line]
+    statements = list(LogReader(log_dir).records())
     # psycopg wraps the query in BEGIN ... COMMIT
-    assert [s.split('"tag":"')[1].split('"')[0] for s in statements] == [
+    assert [s["tag"] for s in statements] == [
         "BEGIN",
         "SELECT 1",
         "COMMIT",

@@ -24,4 +24,4 @@ def test_demo_attributes_two_people(tmp_path: Path) -> None:
     assert ("alice", "SELECT") in by_person and ("bob", "UPDATE") in by_person
     assert all(r["db_role"] == "app_user" for r in statements)
     assert "current_user='app_user', scalple.user_id=None" in result.stderr
-    assert (tmp_path / ".demo" / "audit.jsonl").exists()
+    assert any((tmp_path / ".demo" / "log").rglob("*.seg"))

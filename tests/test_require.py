@@ -140,7 +140,7 @@ def test_require_verified_accepts_only_good_tokens(
     }
     problems = {r["identity_problem"] for r in records if r["sqlstate"] == "28000"}
     assert any(p and "expired" in p for p in problems)
-    log_bytes = proxy.audit_path.read_bytes()
+    log_bytes = proxy.log_bytes()
     assert good.encode() not in log_bytes and forged.encode() not in log_bytes
 
 

@@ -3,15 +3,11 @@ protocol traffic: the corner cases no driver produces on demand."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from scalple import protocol as P
 from scalple.events import SessionInfo, StatementEvent
 from scalple.identity.startup import StartupIdentity
 from scalple.identity.state import IdentityState
 from scalple.session.tracker import StatementTracker
-from scalple.sink.writer import last_seq
 
 SESSION = SessionInfo("s-1", "127.0.0.1:1", "app_user", "app", "", None, None, "none", False, 0)
 
@@ -65,14 +61,6 @@ def test_pipelined_error_skips_the_rest_of_the_batch() -> None:
         (b"select 1/0", "error", "22012"),
     ]
     assert t.idle
-
-
-def test_last_seq_finds_a_record_larger_than_its_first_window(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    big = json.dumps({"seq": 41, "query": "x" * 200_000})
-    path.write_text(json.dumps({"seq": 40}) + "\n" + big + "\n" + '{"seq": 42, "torn')
-    assert last_seq(path) == 41
-    assert last_seq(tmp_path / "missing.jsonl") == 0
 
 
 def test_extended_copy_from_stdin_with_libpq_syncs() -> None:

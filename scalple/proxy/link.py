@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final, cast
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
     from scalple._wire import Captured
     from scalple.proxy.listener import Proxy
+    from scalple.sink.base import Sink
 
 __all__ = ["ClientLink", "Phase", "ServerLink"]
 
@@ -52,6 +54,8 @@ _HELD_LIMIT: Final = 1 << 20  # client bytes buffered while the upstream connect
 # responses in order and lets the server skip the rest of a pipeline as it
 # would after any error; the resulting error is rewritten into 28000.
 _REFUSAL_MARK: Final = b"scalple: statement refused"
+# Messages that end a statement (or a request) and so may produce a record.
+_COMPLETIONS: Final = frozenset(b"CEIsZ")
 _REFUSED_QUERY: Final = P.build_message(b"Q", b'SELECT pg_catalog."' + _REFUSAL_MARK + b'"()\0')
 _REFUSED_EXECUTE: Final = P.build_message(b"E", _REFUSAL_MARK + b"\0\0\0\0\0")
 _SHUTDOWN_ERROR: Final = P.build_error(
@@ -124,7 +128,9 @@ class ClientLink(asyncio.Protocol):
         self._paused = 0
         self._require: Requirement | None = None  # set when [identity] require applies
         self._partial = b""  # an unfinished Query/Execute held back for checking
-        self.refusals = 0  # refused statements whose server error is still to come
+        # The error each refused statement gets, in order, while the server's
+        # error for it is still to come (rewrite_refusals puts it in place).
+        self.refusals: deque[bytes] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self.draining = False
         self._cancelling = False
@@ -262,7 +268,7 @@ class ClientLink(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._violation(exc)
             return
-        if self._require is not None:
+        if self._require is not None or self._proxy.refusing is not None:
             self._relay_checked(data, captured)
             return
         self._up_write(data)
@@ -286,9 +292,15 @@ class ClientLink(asyncio.Protocol):
             cut = shift + start if start >= 0 else 0
         self._partial = chunk[cut:]
         refused: list[int] | None = None
+        refusing = self._proxy.refusing
         if captured is not None:
             try:
-                refused = self._tracker.on_frontend(captured, _monotonic_ns(), self._require)
+                refused = self._tracker.on_frontend(
+                    captured,
+                    _monotonic_ns(),
+                    self._require,
+                    P.SQLSTATE_DISK_FULL if refusing is not None else None,
+                )
             except Exception as exc:
                 # The identity check is a gate: when it fails, fail closed.
                 log.error(
@@ -303,6 +315,19 @@ class ClientLink(asyncio.Protocol):
         head = chunk[:cut]
         if refused:
             assert captured is not None
+            if refusing is not None:
+                error = P.build_error(
+                    P.SQLSTATE_DISK_FULL,
+                    f"statement refused: the audit log cannot be written ({refusing}); "
+                    "statements are accepted again as soon as it can",
+                    severity="ERROR",
+                )
+            else:
+                error = P.build_error(
+                    P.SQLSTATE_INVALID_AUTHORIZATION,
+                    _HOW_TO_IDENTIFY[self._require or "any"],
+                    severity="ERROR",
+                )
             replacements: list[tuple[int, int, bytes]] = []
             for position in refused:
                 mtype, body, truncated, _counted, end = captured[position]
@@ -320,24 +345,20 @@ class ClientLink(asyncio.Protocol):
                 # A FunctionCall is answered like a Query: error, then ReadyForQuery.
                 replacement = _REFUSED_EXECUTE if mtype == P.F_EXECUTE else _REFUSED_QUERY
                 replacements.append((end - 5 - len(body), end, replacement))
+                self.refusals.append(error)
             head = _splice(head, replacements)
-            self.refusals += len(refused)
         if head:
             self._up_write(head)
 
     def rewrite_refusals(self, data: bytes, captured: list[Captured]) -> bytes:
-        """Turn the server's error for a rewritten statement into 28000."""
+        """Turn the server's error for a rewritten statement into the refusal."""
         replacements: list[tuple[int, int, bytes]] = []
         for mtype, body, _truncated, _counted, end in captured:
             if mtype == P.B_ERROR and _REFUSAL_MARK in body and self.refusals:
-                self.refusals -= 1
+                error = self.refusals.popleft()
                 start = end - 5 - len(body)
                 if start < 0:
                     continue  # began in an earlier chunk, already forwarded: leave it
-                require = self._require or "any"
-                error = P.build_error(
-                    P.SQLSTATE_INVALID_AUTHORIZATION, _HOW_TO_IDENTIFY[require], severity="ERROR"
-                )
                 replacements.append((start, end, error))
         return _splice(data, replacements) if replacements else data
 
@@ -498,7 +519,16 @@ class ClientLink(asyncio.Protocol):
             if self.closed:
                 return
         self.resume(Pause.HELD)
-        self._fast = self._tls is None and self._require is None
+        self.update_fast()
+
+    def update_fast(self) -> None:
+        """Whether chunks may take the inline path: nothing to check first."""
+        self._fast = (
+            self._tls is None
+            and self._require is None
+            and self._proxy.refusing is None
+            and self.phase in (Phase.READY, Phase.AUTHENTICATING)
+        )
 
     def session_ready(self) -> None:
         """The upstream sent its first ReadyForQuery: authentication is done."""
@@ -537,7 +567,7 @@ class ClientLink(asyncio.Protocol):
             # A refused statement can end in another error (25P02 in an
             # aborted transaction) or be skipped after an earlier one: once
             # everything is answered, no rewritten error can still come.
-            self.refusals = 0
+            self.refusals.clear()
         if self.draining and tracker is not None and tracker.idle:
             self._close_for_shutdown()
 
@@ -654,6 +684,11 @@ class ServerLink(asyncio.Protocol):
         self._scanner = MessageScanner(
             P.BACKEND_CAPTURE, P.BACKEND_COUNT, None, 0x3FFFFFFF, config.log.capture_limit
         )
+        # [log] durability = "strict": a statement's completion waits here
+        # until its record is durable (scalple/sink/audit.py releases it).
+        self._strict = client._proxy.sink.strict
+        self._held: list[bytes] | None = None
+        self._holds = 0
 
     @property
     def at_boundary(self) -> bool:
@@ -673,13 +708,68 @@ class ServerLink(asyncio.Protocol):
                 )
                 return
             client = self._client
-            if captured is not None and client.refusals:
+            refusing = bool(client.refusals)
+            if captured is not None and refusing:
                 data = client.rewrite_refusals(data, captured)
+            if self._strict:
+                self._relay_durable(data, captured, refusing)
+                return
             client._write(data)
             if captured is not None:
                 client.observe_backend(captured)
             return
         self._authenticating(data)
+
+    def _relay_durable(self, data: bytes, captured: list[Captured] | None, refusing: bool) -> None:
+        """Strict durability: forward up to the first completion that produced
+        a record, hold the rest until the sink says the record is durable.
+
+        A refused statement ran nothing, so its answer is not held (while the
+        log cannot be written its record cannot become durable).
+        """
+        client = self._client
+        sink = client._proxy.sink
+        before = sink.submitted
+        if captured is not None:
+            client.observe_backend(captured)
+        recorded = sink.submitted != before and not refusing
+        if self._held is not None:
+            self._held.append(data)
+            if recorded:
+                self._hold(sink)
+            return
+        if not recorded:
+            client._write(data)
+            return
+        cut = 0
+        assert captured is not None
+        for mtype, body, truncated, _counted, end in captured:
+            if mtype in _COMPLETIONS:
+                start = end - 5 - len(body)
+                cut = start if not truncated and start > 0 else 0
+                break
+        if cut:
+            client._write(data[:cut])
+        self._held = [data[cut:]]
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self._hold(sink)
+
+    def _hold(self, sink: Sink) -> None:
+        self._holds += 1
+        sink.hold(self._release)
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if self._holds or self._held is None:
+            return
+        held, self._held = self._held, None
+        client = self._client
+        if client.phase is Phase.CLOSED:
+            return
+        if self._transport is not None:
+            self._transport.resume_reading()  # first: the write may pause it again
+        client._write(b"".join(held))
 
     def _authenticating(self, data: bytes) -> None:
         """Relay authentication message by message, rewriting SASL offers."""

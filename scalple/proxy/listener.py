@@ -72,7 +72,10 @@ class Proxy:
         self._boot = secrets.token_hex(3)
         self._server: asyncio.Server | None = None
         self._clock: asyncio.TimerHandle | None = None
-        sink.notify(self.loop, self._sink_congested, self._sink_drained)
+        # Why statements are refused with 53100: the log cannot be written and
+        # [log] on_failure = "block".  None while the log works.
+        self.refusing: str | None = None
+        sink.notify(self.loop, self._sink_congested, self._sink_drained, self._store_failing)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -124,6 +127,20 @@ class Proxy:
     def _sink_congested(self) -> None:
         for link in self.links:
             link.pause(Pause.SINK)
+
+    def _store_failing(self, reason: str | None) -> None:
+        """The store started (reason) or stopped (None) failing to write."""
+        if reason is not None:
+            log.critical("the audit log cannot be written: %s", reason)
+        if self.config.log.on_failure != "block" or reason == self.refusing:
+            return
+        if reason is not None and self.refusing is None:
+            log.critical("refusing new statements with 53100 until the audit log can be written")
+        elif reason is None:
+            log.warning("the audit log can be written again: accepting statements")
+        self.refusing = reason
+        for link in self.links:
+            link.update_fast()
 
     def observation_failed(self, link: ClientLink, direction: str, exc: BaseException) -> None:
         self.observation_errors += 1

@@ -1,21 +1,31 @@
 """Reading the audit log back: every command that looks at records goes
-through here, so the on-disk layout is known in one place."""
+through here (or through scalple/store for proofs), so no reader needs to
+know the segment format.
+
+Reading checks each frame's stored hash: a frame that does not match is not
+shown, and the segment is read no further (``scalple verify`` says why).
+"""
 
 from __future__ import annotations
 
+import heapq
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import msgspec
+from scalple.config import ConfigError, parse_duration
+from scalple.records import decode_record, record_dict
+from scalple.store import layout
+from scalple.store.segment import SegmentError, frame_end, read_header, scan_frames
 
-from scalple.records import AUDIT_FILE
+__all__ = ["LogReader", "StoredRecord", "parse_time", "stored_records"]
 
-__all__ = ["LogReader", "parse_time"]
+log = logging.getLogger(__name__)
 
-_decoder = msgspec.json.Decoder()
+_HEAD_READ = 64 * 1024  # a segment header is far smaller (its start range is log2 hashes)
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
@@ -26,10 +36,13 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     ``12h``, ``7d``.
     """
     text = text.strip()
-    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-    if text[:-1].isdigit() and text[-1:] in units:
-        delta = timedelta(**{units[text[-1]]: int(text[:-1])})
-        return (now or datetime.now(UTC)) - delta
+    if text[-1:].isalpha() and text[:-1].replace(".", "", 1).isdigit():
+        try:
+            seconds = parse_duration(text)
+        except ConfigError:
+            pass
+        else:
+            return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -44,12 +57,79 @@ def _stamp(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+class StoredRecord:
+    """A record with where it is stored: its leaf index and hash."""
+
+    __slots__ = ("digest", "index", "payload", "record", "segment")
+
+    def __init__(
+        self, record: dict[str, Any], index: int, digest: bytes, segment: int, payload: bytes
+    ) -> None:
+        self.record = record
+        self.index = index
+        self.digest = digest
+        self.segment = segment
+        self.payload = payload
+
+
+def _segment_records(
+    path: Path, number: int, offset: int = 0
+) -> Iterator[tuple[StoredRecord, int]]:
+    """The intact records of one segment from byte ``offset`` (0: the first),
+    each with the offset after it; stops at the first incomplete or damaged
+    frame.  Leaf indexes are known only when reading from the first record
+    (-1 otherwise: following the log needs none)."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return  # removed by retention meanwhile
+    with handle:
+        head = handle.read(_HEAD_READ)
+        try:
+            header, start = read_header(head, path)
+        except SegmentError:
+            head += handle.read()
+            try:
+                header, start = read_header(head, path)
+            except SegmentError as exc:
+                log.warning("%s", exc)
+                return
+        begin = max(start, offset)
+        handle.seek(begin)
+        data = handle.read()
+    index = header.first_index if begin == start else -1
+    for item in scan_frames(data, 0):
+        if not item.intact:
+            log.warning(
+                "%s: damaged record at byte %d; run scalple verify", path, begin + item.offset
+            )
+            return
+        try:
+            record = decode_record(item.payload)
+        except Exception:
+            log.warning(
+                "%s: unreadable record at byte %d; run scalple verify", path, begin + item.offset
+            )
+            return
+        record.log_id = "immutable-" + item.digest.hex()[:16]
+        stored = StoredRecord(record_dict(record), index, item.digest, number, item.payload)
+        yield stored, begin + frame_end(item)
+        if index >= 0:
+            index += 1
+
+
+def stored_records(origin_dir: Path) -> Iterator[StoredRecord]:
+    """Every readable record of one origin, in log order."""
+    for number in layout.segment_numbers(origin_dir):
+        for stored, _ in _segment_records(layout.segment_path(origin_dir, number), number):
+            yield stored
+
+
 class LogReader:
-    """Records of one log directory, oldest first."""
+    """Records of one log directory (all origins), oldest first."""
 
     def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = Path(log_dir)
-        self.path = self.log_dir / AUDIT_FILE
         if not self.log_dir.is_dir():
             raise FileNotFoundError(f"no audit log directory {self.log_dir}")
 
@@ -63,49 +143,48 @@ class LogReader:
         """Matching records; ``since`` is inclusive, ``until`` exclusive."""
         low = _stamp(since) if since else None
         high = _stamp(until) if until else None
-        try:
-            handle = self.path.open("rb")
-        except FileNotFoundError:
-            return
-        with handle:
-            for line in handle:
-                record = self._decode(line)
-                if record is None or (kinds is not None and record.get("kind") not in kinds):
-                    continue
-                ts = record.get("ts", "")
-                if (low is not None and ts < low) or (high is not None and ts >= high):
-                    continue
-                yield record
+        streams = [
+            (s.record for s in stored_records(directory))
+            for directory in layout.origin_dirs(self.log_dir)
+        ]
+        merged = (
+            streams[0]
+            if len(streams) == 1
+            else heapq.merge(*streams, key=lambda record: str(record.get("ts", "")))
+        )
+        for record in merged:
+            if kinds is not None and record.get("kind") not in kinds:
+                continue
+            ts = record.get("ts", "")
+            if (low is not None and ts < low) or (high is not None and ts >= high):
+                continue
+            yield record
 
     def follow(
         self, *, kinds: frozenset[str] | None = frozenset({"statement"}), poll: float = 0.2
     ) -> Iterator[dict[str, Any]]:
-        """New records as they are appended, until interrupted."""
-        while not self.path.exists():
-            time.sleep(poll)
-        with self.path.open("rb") as handle:
-            handle.seek(0, 2)
-            pending = b""
-            while True:
-                chunk = handle.readline()
-                if not chunk:
-                    time.sleep(poll)
-                    continue
-                pending += chunk
-                if not pending.endswith(b"\n"):
-                    continue  # a line still being written
-                record = self._decode(pending)
-                pending = b""
-                if record is not None and (kinds is None or record.get("kind") in kinds):
-                    yield record
-
-    @staticmethod
-    def _decode(line: bytes) -> dict[str, Any] | None:
-        line = line.strip()
-        if not line:
-            return None
-        try:
-            record = _decoder.decode(line)
-        except msgspec.DecodeError:
-            return None  # a torn last line after a crash
-        return record if isinstance(record, dict) else None
+        """New records as they are appended (every origin), until interrupted."""
+        positions: dict[Path, tuple[int, int]] = {}  # origin dir -> (segment, offset)
+        for directory in layout.origin_dirs(self.log_dir):
+            numbers = layout.segment_numbers(directory)
+            path = layout.segment_path(directory, numbers[-1])
+            positions[directory] = (numbers[-1], path.stat().st_size)
+        while True:
+            found = False
+            for directory in layout.origin_dirs(self.log_dir):
+                number, offset = positions.get(directory, (0, 0))
+                numbers = [n for n in layout.segment_numbers(directory) if n >= number]
+                for current in numbers:
+                    path = layout.segment_path(directory, current)
+                    start = offset if current == number else 0
+                    for stored, end in _segment_records(path, current, start):
+                        found = True
+                        offset = end
+                        if kinds is None or stored.record.get("kind") in kinds:
+                            yield stored.record
+                    if current != numbers[-1]:
+                        offset = 0
+                    number = current
+                positions[directory] = (number, offset)
+            if not found:
+                time.sleep(poll)

@@ -154,7 +154,9 @@ class Request:
         self.portal = portal
         self.index = 0  # statement position within a simple Query
         self.failed = False  # an error ended the Query; later completions are not ours
-        self.refused = False  # [identity] require refused it; the proxy rewrote it
+        # SQLSTATE the proxy refused it with (it rewrote it so the server fails
+        # it): 28000 under [identity] require, 53100 while the log cannot be written.
+        self.refused: str | None = None
         self.sets_identity = False  # it sets scalple.*: what follows it may run
 
 
@@ -227,15 +229,21 @@ class StatementTracker:
     # -- client to server ----------------------------------------------------
 
     def on_frontend(
-        self, messages: list[Captured], now: int, require: Requirement | None = None
+        self,
+        messages: list[Captured],
+        now: int,
+        require: Requirement | None = None,
+        refuse_all: str | None = None,
     ) -> list[int] | None:
         """Track what the client sent.
 
         With ``require`` (``[identity] require`` applies to this session),
         decide before the chunk is forwarded which statements have no
         acceptable identity: their positions in ``messages`` are returned
-        and the proxy rewrites them so that the server refuses them.
+        and the proxy rewrites them so that the server refuses them.  With
+        ``refuse_all`` (a SQLSTATE) every statement is refused so.
         """
+        check = require is not None or refuse_all is not None
         refused: list[int] | None = None
         for position, (mtype, body, truncated, _counted, _end) in enumerate(messages):
             if self._skip_to_sync and mtype != P.F_SYNC:
@@ -244,11 +252,11 @@ class StatementTracker:
                 self._bind(body, truncated)
             elif mtype == P.F_EXECUTE:
                 request = self._execute(body, now)
-                if require is not None and request is not None:
+                if check and request is not None:
                     portal = request.portal
                     query = portal.query if portal is not None else None
                     params = portal.params if portal is not None else None
-                    if self._refuse(request, query, require, params):
+                    if self._refuse(request, query, require, params, refuse_all):
                         refused = refused or []
                         refused.append(position)
             elif mtype == P.F_SYNC:
@@ -264,7 +272,7 @@ class StatementTracker:
                 query = body[:-1] if body.endswith(b"\0") else body
                 request = Request(Kind.QUERY, now, query, truncated)
                 self._pending.append(request)
-                if require is not None and self._refuse(request, query, require):
+                if check and self._refuse(request, query, require, None, refuse_all):
                     refused = refused or []
                     refused.append(position)
             elif mtype == P.F_PARSE:
@@ -279,7 +287,7 @@ class StatementTracker:
                 oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else 0
                 request = Request(Kind.FUNCTION, now, b"<function call oid=%d>" % oid)
                 self._pending.append(request)
-                if require is not None and self._refuse(request, None, require):
+                if check and self._refuse(request, None, require, None, refuse_all):
                     refused = refused or []
                     refused.append(position)
         return refused
@@ -288,10 +296,12 @@ class StatementTracker:
         self,
         request: Request,
         query: bytes | None,
-        require: Requirement,
+        require: Requirement | None,
         params: tuple[bytes | bytearray | None, ...] | None = None,
+        refuse_all: str | None = None,
     ) -> bool:
-        """Whether ``request`` must be refused for want of an identity.
+        """Whether ``request`` must be refused (``refuse_all``), or refused
+        for want of an identity (``require``).
 
         Every statement of the request is checked on its own, in order, on a
         fork of the identity state: statements that set the identity (SET,
@@ -301,13 +311,17 @@ class StatementTracker:
         Execute also sees the identity changes pipelined before it in the
         same batch (if one fails, the server skips the rest of the batch).
         """
+        if refuse_all is not None:
+            request.refused = refuse_all
+            return True
+        assert require is not None
         state = self._identity
         if query is None:
             # A function call, or a statement prepared where the proxy could
             # not see it: only the identity already in force can allow it.
             if state.for_statement(None).acceptable(require):
                 return False
-            request.refused = True
+            request.refused = P.SQLSTATE_INVALID_AUTHORIZATION
             return True
         if not identity_hint(query):
             if state.for_statement(None).acceptable(require):
@@ -315,7 +329,7 @@ class StatementTracker:
             text = query.decode("utf-8", "replace")
             if all(_ALWAYS_ALLOWED.match(s) for s in split_statements(text)):
                 return False
-            request.refused = True
+            request.refused = P.SQLSTATE_INVALID_AUTHORIZATION
             return True
         text = query.decode("utf-8", "replace")
         fork = state.fork()
@@ -332,7 +346,7 @@ class StatementTracker:
                 continue
             elif not fork.for_statement(text, position).acceptable(require):
                 request.sets_identity = False
-                request.refused = True
+                request.refused = P.SQLSTATE_INVALID_AUTHORIZATION
                 return True
         return False
 
@@ -521,7 +535,7 @@ class StatementTracker:
             if not head.failed:
                 head.failed = True
                 if head.refused:
-                    sqlstate = P.SQLSTATE_INVALID_AUTHORIZATION
+                    sqlstate = head.refused
                 self._record(head, now, None, None, "error", sqlstate, _PROTOCOL_OF[head.kind])
             return
         # Extended protocol: the failed request is the first one still
@@ -539,7 +553,7 @@ class StatementTracker:
             # implicit commit): recorded against an empty statement.
             failed = Request(Kind.SYNC, now, b"")
         if failed.refused:
-            sqlstate = P.SQLSTATE_INVALID_AUTHORIZATION
+            sqlstate = failed.refused
         if failed.portal is not None and failed.portal.suspended:
             failed.started_ns = failed.portal.started_ns
             failed.portal.suspended = False

@@ -25,24 +25,30 @@ from pathlib import Path
 
 from scalple.config import Config
 from scalple.logsafe import where
-from scalple.records import AUDIT_FILE
 from scalple.sink.base import Event
-from scalple.sink.worker import Ack, worker_main
+from scalple.sink.worker import Ack, Started, worker_main
 
-__all__ = ["AuditSink"]
+__all__ = ["AuditLogUnavailable", "AuditSink"]
 
 log = logging.getLogger(__name__)
 
 _CONTEXT = multiprocessing.get_context("spawn")  # never fork a process with threads
+_START_TIMEOUT = 120.0  # recovery scans at most the newest segment
+_RESTART_DELAY = 1.0
+
+
+class AuditLogUnavailable(RuntimeError):
+    """The audit worker could not open the log; the message says why."""
 
 
 class AuditSink:
     """Events in on the event loop; records out in the worker process."""
 
     def __init__(self, config: Config, *, verbose: bool = False) -> None:
-        self.path = Path(config.log.dir) / AUDIT_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_dir = Path(config.log.dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self._config = config
+        self.strict = config.log.durability == "strict"
         self._verbose = verbose
         self._pending: list[Event] = []
         self._max_pending = config.log.max_pending
@@ -53,7 +59,11 @@ class AuditSink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_congested: Callable[[], None] = _nothing
         self._on_drained: Callable[[], None] = _nothing
+        self._on_failing: Callable[[str | None], None] = _nothing_failing
         self._stop = threading.Event()
+        self._wake = threading.Event()  # strict mode: hand over now, someone waits
+        self._holds: deque[tuple[int, Callable[[], None]]] = deque()  # (ticket, release)
+        self._release_scheduled = False
         # Set by the ack reader when the worker's pipe closes: how the handoff
         # thread learns of a dead worker without polling the process.
         self._worker_gone = threading.Event()
@@ -63,10 +73,15 @@ class AuditSink:
         self.statements: dict[str, int] = {}  # written, by status (for metrics)
         self.failed_writes = 0
         self.worker_restarts = 0
+        self.lost = 0  # records the store gave up (on_failure = "continue")
+        self.failing: str | None = None  # why the store cannot write, while it cannot
+        self.unsynced = 0  # records written but not yet fsynced
         self._process: BaseProcess | None = None
         self._batches: Connection | None = None
         self._acker: threading.Thread | None = None
-        self._start_worker()
+        error = self._start_worker()
+        if error is not None:
+            raise AuditLogUnavailable(error)
         self._handoff = threading.Thread(target=self._run, name="scalple-handoff", daemon=True)
         self._handoff.start()
 
@@ -85,11 +100,36 @@ class AuditSink:
         loop: asyncio.AbstractEventLoop,
         on_congested: Callable[[], None],
         on_drained: Callable[[], None],
+        on_failing: Callable[[str | None], None] = lambda reason: None,
     ) -> None:
-        """Tell ``loop`` when the relay must pause (and may resume) reading."""
+        """Tell ``loop`` when the relay must pause (and may resume) reading,
+        and when the store starts (a reason) and stops (None) failing."""
         self._loop = loop
         self._on_congested = on_congested
         self._on_drained = on_drained
+        self._on_failing = on_failing
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Strict durability: call ``release`` on the loop once every event
+        submitted so far is durable.  Called on the loop."""
+        ticket = self.submitted
+        if self.written >= ticket:
+            release()
+            return
+        self._holds.append((ticket, release))
+        self._wake.set()
+
+    def _release_holds(self) -> None:
+        """On the loop: release the holds whose events are now durable."""
+        self._release_scheduled = False
+        holds = self._holds
+        written = self.written
+        while holds and holds[0][0] <= written:
+            _, release = holds.popleft()
+            try:
+                release()
+            except Exception as exc:
+                log.error("releasing a held completion failed (%s)", where(exc))
 
     @property
     def pending(self) -> int:
@@ -98,7 +138,8 @@ class AuditSink:
 
     # -- worker lifecycle ------------------------------------------------------
 
-    def _start_worker(self) -> None:
+    def _start_worker(self) -> str | None:
+        """Start the worker; None once its store is open, else why not."""
         batches_out, batches_in = _CONTEXT.Pipe(duplex=False)
         acks_out, acks_in = _CONTEXT.Pipe(duplex=False)
         process = _CONTEXT.Process(
@@ -113,10 +154,24 @@ class AuditSink:
         acks_in.close()
         self._process = process
         self._batches = batches_in
+        error: str | None
+        try:
+            if not acks_out.poll(_START_TIMEOUT):
+                error = f"the audit worker did not open the log in {_START_TIMEOUT:.0f} s"
+            else:
+                started = acks_out.recv()
+                error = started.error if isinstance(started, Started) else "unexpected reply"
+        except (EOFError, OSError):
+            error = f"the audit worker exited (code {process.exitcode}) before opening the log"
+        if error is not None:
+            acks_out.close()
+            self._worker_gone.set()
+            return error
         self._acker = threading.Thread(
             target=self._read_acks, args=(acks_out,), name="scalple-acks", daemon=True
         )
         self._acker.start()
+        return None
 
     def _restart_worker(self) -> None:
         """The worker died: start another and resend what it did not confirm."""
@@ -129,7 +184,13 @@ class AuditSink:
         )
         if self._batches is not None:
             self._batches.close()
-        self._start_worker()
+        error = self._start_worker()
+        if error is not None:
+            log.critical("audit worker cannot start: %s; retrying", error)
+            if self._process is not None:
+                self._process.join(5.0)
+            self._stop.wait(_RESTART_DELAY)
+            return  # still gone: the handoff thread tries again
         with self._lock:
             resend = list(self._unacked)
         for batch in resend:
@@ -149,7 +210,8 @@ class AuditSink:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._stop.wait(self._interval)
+            self._wake.wait(self._interval)
+            self._wake.clear()
             self._handoff_pending()
             if self._worker_gone.is_set() and not self._stop.is_set():
                 if self._process is not None:
@@ -179,16 +241,31 @@ class AuditSink:
                 log.error("handling an audit acknowledgement failed (%s)", where(exc))
 
     def _acknowledge(self, ack: Ack) -> None:
-        written, counts, failed_writes = ack
+        self.failed_writes = max(self.failed_writes, ack.failed_writes)
+        self.lost = max(self.lost, ack.lost)
+        self.unsynced = ack.unsynced
+        if ack.failing != self.failing:
+            self.failing = ack.failing
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_failing, ack.failing)
+        if not ack.batches:
+            return
+        events = 0
         with self._lock:
-            batch = self._unacked.popleft()
-            self._unacked_events -= len(batch)
-        if len(batch) != written:
-            log.error("audit worker confirmed %d events for a batch of %d", written, len(batch))
-        self.written += written
-        self.failed_writes = max(self.failed_writes, failed_writes)
-        for status, count in counts.items():
+            for _ in range(ack.batches):
+                events += len(self._unacked.popleft())
+            self._unacked_events -= events
+        if events != ack.events:
+            log.error("audit worker confirmed %d events for batches of %d", ack.events, events)
+        self.written += events
+        for status, count in ack.counts.items():
             self.statements[status] = self.statements.get(status, 0) + count
+        if self._holds and not self._release_scheduled:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                self._release_scheduled = True
+                loop.call_soon_threadsafe(self._release_holds)
         if self.congested and self.pending < self._max_pending // 2:
             self._drained()
         elif not self.congested and self._unacked_events >= self._max_pending:
@@ -230,6 +307,7 @@ class AuditSink:
     def close(self, timeout: float = 30.0) -> None:
         """Hand over and write everything still queued, then stop the worker."""
         self._stop.set()
+        self._wake.set()
         self._handoff.join(timeout)
         self.flush(timeout)
         if self.written < self.submitted:
@@ -249,3 +327,7 @@ class AuditSink:
 
 def _nothing() -> None:
     """Flow-control callback before the relay registered its own."""
+
+
+def _nothing_failing(reason: str | None) -> None:
+    """Store-state callback before the relay registered its own."""

@@ -24,6 +24,8 @@ class Sink(Protocol):
     """
 
     congested: bool
+    strict: bool  # [log] durability = "strict": completions wait for hold()
+    submitted: int  # events submitted so far
 
     def submit(self, event: Event) -> None: ...
 
@@ -32,7 +34,11 @@ class Sink(Protocol):
         loop: asyncio.AbstractEventLoop,
         on_congested: Callable[[], None],
         on_drained: Callable[[], None],
+        on_failing: Callable[[str | None], None] = ...,
     ) -> None: ...
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Call ``release`` on the loop once every event submitted so far is durable."""
 
     def flush(self, timeout: float = 5.0) -> None: ...
 

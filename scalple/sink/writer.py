@@ -1,118 +1,136 @@
-"""Writing records: enrich each event, number it, hash it, append it.
+"""From events to stored records, under the configured failure policy.
 
 Runs inside the audit worker process (scalple/sink/worker.py), never in the
 proxy's: enrichment parses SQL, and the proxy's GIL belongs to the relay.
+The store (scalple/store/writer.py) numbers, hashes and appends; this module
+decides what happens when it cannot: ``[log] on_failure = "block"`` keeps
+the records and retries (the proxy refuses new statements meanwhile),
+``"continue"`` counts them as lost and writes a ``records_lost`` record as
+soon as the store works again.  Nothing is lost without a trace.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-import blake3
-import msgspec
-
+from scalple.config import Config
 from scalple.events import StatementEvent
 from scalple.logsafe import where
-from scalple.records import AUDIT_FILE, SessionRecord, StatementRecord, rfc3339, to_session_record
+from scalple.records import SessionRecord, StatementRecord, rfc3339, to_session_record
 from scalple.sink.base import Event
 from scalple.sink.enrich import Enricher
+from scalple.store.writer import StoreError, StoreWriter, open_signing_key
 
-__all__ = ["RecordWriter", "last_seq"]
+__all__ = ["RecordWriter"]
 
 log = logging.getLogger(__name__)
 
-_LEAF_PREFIX = b"\x00"  # RFC 9162 leaf domain separation
-_RETRY_SECONDS = 0.5
+_RETRY_SECONDS = 0.2
 
-
-def last_seq(path: Path) -> int:
-    """The ``seq`` of the last whole record in ``path`` (0 when none).
-
-    A torn last line (a crash mid-write) is skipped: sequence numbers are
-    never reused, so the writer continues after the last whole record.
-    """
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        return 0
-    with handle:
-        size = handle.seek(0, os.SEEK_END)
-        window = 1 << 16
-        while True:
-            # Grow the window until it holds a whole line (records can be
-            # larger than any fixed window: a query up to capture_limit).
-            start = max(0, size - window)
-            handle.seek(start)
-            lines = handle.read(size - start).split(b"\n")
-            if start > 0:
-                lines = lines[1:]  # the first piece may be a line's tail
-            for line in reversed(lines):
-                if not line.strip():
-                    continue
-                try:
-                    record = msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue  # a torn line
-                if isinstance(record, dict) and isinstance(record.get("seq"), int):
-                    return int(record["seq"])
-            if start == 0:
-                return 0
-            window *= 4
+Record = StatementRecord | SessionRecord
 
 
 class RecordWriter:
-    """Appends records to ``<log_dir>/audit.jsonl``."""
+    """Builds records for event batches and appends them to the store."""
 
-    def __init__(self, log_dir: str | Path, enricher: Enricher) -> None:
-        self.path = Path(log_dir) / AUDIT_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, config: Config, enricher: Enricher) -> None:
+        self.store = StoreWriter(config.log, open_signing_key(config.log))
         self._enricher = enricher
-        self._seq = last_seq(self.path)
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned by this writer
-        self._encode = msgspec.json.Encoder().encode
-        self.failed_writes = 0
+        self._continue = config.log.on_failure == "continue"
+        self.failed_writes = 0  # attempts that failed (either policy)
+        self.lost = 0  # records given up (on_failure = "continue" only)
+        self._lost_since: tuple[int, str, str] | None = None  # count, first ts, why
+        self.failing: str | None = None  # why the store cannot write, while it cannot
 
-    def write(self, batch: list[Event]) -> dict[str, int]:
-        """Append a batch; returns its statements counted by status.
+    def write(self, batch: list[Event], on_failing: Callable[[str | None], None]) -> dict[str, int]:
+        """Store a batch; returns its statements counted by status.
 
-        On a write error (disk full, I/O error) the batch is kept and retried
-        until it is written: the proxy has stopped reading from clients
-        meanwhile, because this batch is not acknowledged.
+        ``on_failing`` is told when the store starts and stops failing, so the
+        proxy can refuse statements (block) or count losses (continue).
         """
-        data = memoryview(self._records(batch))
-        while data:
+        records = [self._record(event) for event in batch]
+        while True:
             try:
-                written = self._file.write(data)  # raw file: may write only part
-            except OSError as exc:
-                self.failed_writes += 1
-                log.error("cannot write audit log %s: %s; retrying", self.path, exc.strerror)
+                if self._lost_since is not None:
+                    self.store.append([self._lost_marker()])
+                    self._lost_since = None
+                self.store.append(records)
+            except StoreError as exc:
+                self._failed(str(exc), on_failing)
+                if self._continue:
+                    self._lose(records, str(exc))
+                    break
+                log.error("%s; %d records held, retrying", exc, len(records))
                 time.sleep(_RETRY_SECONDS)
                 continue
-            data = data[written or 0 :]
+            if self.failing is not None:
+                self.failing = None
+                log.warning("the audit log is writable again")
+                on_failing(None)
+            break
         counts: dict[str, int] = {}
         for event in batch:
             if type(event) is StatementEvent:
                 counts[event.status] = counts.get(event.status, 0) + 1
         return counts
 
-    def _records(self, batch: list[Event]) -> bytes:
-        """Records for a batch, each with its seq and its leaf-hash log_id."""
-        encode = self._encode
-        lines: list[bytes] = []
-        for event in batch:
-            record = self._record(event)
-            self._seq += 1
-            record.seq = self._seq
-            digest = blake3.blake3(_LEAF_PREFIX + encode(record)).hexdigest()
-            record.log_id = "immutable-" + digest[:16]
-            lines.append(encode(record))
-        lines.append(b"")
-        return b"\n".join(lines)
+    def sync(self, on_failing: Callable[[str | None], None]) -> None:
+        """fsync, retrying (block) or giving up loudly (continue)."""
+        while True:
+            try:
+                self.store.sync()
+                return
+            except StoreError as exc:
+                log.critical("%s", exc)
+                self._failed(str(exc), on_failing)
+                if self._continue:
+                    return
+                time.sleep(_RETRY_SECONDS)
 
-    def _record(self, event: Event) -> StatementRecord | SessionRecord:
+    def _failed(self, reason: str, on_failing: Callable[[str | None], None]) -> None:
+        self.failed_writes += 1
+        if self.failing is None:
+            self.failing = reason
+            on_failing(reason)
+
+    def _lose(self, records: list[Record], reason: str) -> None:
+        count = len(records)
+        self.lost += count
+        if self._lost_since is None:
+            self._lost_since = (
+                count,
+                records[0].ts if records else rfc3339(time.time_ns()),
+                reason,
+            )
+        else:
+            total, first, why = self._lost_since
+            self._lost_since = (total + count, first, why)
+        log.critical(
+            "AUDIT RECORDS LOST: %d records could not be written (%s); %d lost so far "
+            "([log] on_failure = continue)",
+            count,
+            reason,
+            self.lost,
+        )
+
+    def _lost_marker(self) -> SessionRecord:
+        """The record that says how many records are missing, and since when."""
+        assert self._lost_since is not None
+        count, first, reason = self._lost_since
+        return SessionRecord(
+            kind="records_lost",
+            ts=rfc3339(time.time_ns()),
+            session_id=None,
+            client_addr="",
+            db_role=None,
+            database=None,
+            statements=count,
+            reason=f"{count} records from {first} on could not be written: {reason}",
+        )
+
+    def _record(self, event: Event) -> Record:
         """The record for one event; never raises, so no batch can poison
         the worker (a restart would resend it and fail again)."""
         try:
@@ -137,5 +155,4 @@ class RecordWriter:
             )
 
     def close(self) -> None:
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self.store.close()

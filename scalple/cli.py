@@ -8,9 +8,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scalple import __version__
 from scalple.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from scalple.store.keys import VerifierKey
 
 __all__ = ["main"]
 
@@ -23,15 +28,20 @@ def _serve_config(args: argparse.Namespace) -> Config:
         server__listen=args.listen,
         upstream__address=args.upstream,
         log__dir=args.log_dir,
+        log__signing_key=args.signing_key,
     )
 
 
 async def _serve(config: Config, verbose: bool) -> int:
     from scalple.proxy.listener import Proxy
-    from scalple.sink.audit import AuditSink
+    from scalple.sink.audit import AuditLogUnavailable, AuditSink
 
     loop = asyncio.get_running_loop()
-    sink = AuditSink(config, verbose=verbose)
+    try:
+        sink = AuditSink(config, verbose=verbose)
+    except AuditLogUnavailable as exc:
+        log.error("cannot open the audit log: %s", exc)
+        return 1
     proxy = Proxy(config, sink, loop)
     try:
         await proxy.start()
@@ -77,6 +87,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from scalple.demo import run_demo
 
     return run_demo(json_output=args.json)
+
+
+def _log_location(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--log-dir", metavar="DIR", help="the audit log directory")
+    where.add_argument("--config", help="TOML configuration file; its [log] dir is read")
 
 
 def _log_dir(args: argparse.Namespace) -> str:
@@ -139,6 +155,122 @@ def _cmd_log_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verifiers(args: argparse.Namespace, log_dir: Path | None) -> list[VerifierKey]:
+    """The public key to check signatures with: given, else found, said so."""
+    from scalple.store.keys import VerifierKey
+
+    if args.pubkey:
+        return [VerifierKey.load(Path(args.pubkey))]
+    candidates: list[Path] = []
+    config_path = getattr(args, "config", None)
+    if config_path:
+        signing_key = load_config(config_path).log.signing_key
+        if signing_key:
+            candidates.append(Path(signing_key).with_suffix(".pub"))
+    if log_dir is not None:
+        candidates.append(log_dir / "keys" / "signing.pub")
+    for path in candidates:
+        if path.exists():
+            print(
+                f"scalple: checking signatures with {path}; pass --pubkey with a copy kept "
+                "elsewhere for evidence that survives a rewrite of this machine",
+                file=sys.stderr,
+            )
+            return [VerifierKey.load(path)]
+    raise FileNotFoundError("no public key: pass --pubkey FILE (the signing.pub of scalple keygen)")
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from scalple.store.keys import write_keypair
+
+    key, pub = write_keypair(Path(args.out), args.name, overwrite=args.force)
+    print(f"private key: {key} (mode 0600; give it to scalple serve --signing-key)")
+    print(f"public key:  {pub} (give it to verifiers: scalple verify --pubkey)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from scalple.store.verify import Violation, verify_log
+
+    log_dir = Path(_log_dir(args))
+    verifiers = _verifiers(args, log_dir)
+    witnesses = [Path(p).read_bytes() for p in args.checkpoint or ()]
+    tty = sys.stderr.isatty() and not args.json
+
+    def progress(done: int) -> None:
+        print(f"\r  {done:,} records verified", end="", file=sys.stderr, flush=True)
+
+    try:
+        reports = verify_log(
+            log_dir, verifiers, witnesses=witnesses, progress=progress if tty else None
+        )
+    except Violation as exc:
+        if tty:
+            print(file=sys.stderr)
+        if args.json:
+            failure = {"ok": False, "origin": exc.origin, "where": exc.where, "what": exc.what}
+            sys.stdout.buffer.write(msgspec.json.encode(failure) + b"\n")
+        else:
+            print(f"VIOLATION {exc}", file=sys.stdout)
+        return 1
+    if tty:
+        print(file=sys.stderr)
+    if args.json:
+        result = {"ok": True, "origins": reports}
+        sys.stdout.buffer.write(msgspec.json.encode(result) + b"\n")
+        return 0
+    for r in reports:
+        kept = f", from record {r.first_index} (retention)" if r.first_index else ""
+        print(
+            f"OK {r.origin}: {r.records:,} records in {r.segments} segments{kept}; "
+            f"{r.checkpoints:,} checkpoints match; signed size {r.signed_size:,}, "
+            f"{r.unsigned:,} newer records not signed yet; root {r.root[:16]}"
+        )
+    if witnesses:
+        print(f"OK {len(witnesses)} given checkpoint(s) consistent with the log")
+    return 0
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from scalple.store.proof import ProofError, prove
+
+    log_dir = Path(_log_dir(args))
+    try:
+        proof = prove(log_dir, args.log_id, _verifiers(args, log_dir))
+    except ProofError as exc:
+        print(f"scalple: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(proof)) + b"\n")
+    return 0
+
+
+def _cmd_verify_proof(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from scalple.store.proof import InclusionProof, ProofError, check_proof
+
+    source = sys.stdin.buffer.read() if args.proof == "-" else Path(args.proof).read_bytes()
+    try:
+        proof = msgspec.json.decode(source, type=InclusionProof)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        print(f"scalple: not a proof: {exc}", file=sys.stderr)
+        return 1
+    try:
+        record = check_proof(proof, _verifiers(args, None))
+    except ProofError as exc:
+        print(f"INVALID {exc}")
+        return 1
+    print(
+        f"OK {proof.log_id} (seq {record.get('seq')}, {record.get('ts')}) is record "
+        f"{proof.leaf_index} of the {proof.tree_size}-record tree signed for {proof.origin}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scalple", description="PostgreSQL audit proxy: who accessed which data."
@@ -152,7 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", metavar="HOST:PORT", help="overrides [server] listen")
     serve.add_argument("--upstream", metavar="HOST:PORT", help="overrides [upstream] address")
     serve.add_argument("--log-dir", metavar="DIR", help="overrides [log] dir")
+    serve.add_argument("--signing-key", metavar="FILE", help="overrides [log] signing_key")
     serve.set_defaults(func=_cmd_serve)
+
+    keygen = sub.add_parser("keygen", help="create the Ed25519 key that signs checkpoints")
+    keygen.add_argument("--out", metavar="DIR", required=True, help="writes signing.key, .pub")
+    keygen.add_argument("--name", default="scalple", help="key name in signatures")
+    keygen.add_argument("--force", action="store_true", help="replace existing key files")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    verify = sub.add_parser("verify", help="check the whole log: hashes, roots, signatures")
+    _log_location(verify)
+    verify.add_argument("--pubkey", metavar="FILE", help="signing.pub to check signatures with")
+    verify.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        action="append",
+        help="a signed checkpoint kept elsewhere (mirror, witness) the log must match; repeatable",
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON object")
+    verify.set_defaults(func=_cmd_verify)
+
+    prove_cmd = sub.add_parser("prove", help="inclusion proof of one record (JSON)")
+    prove_cmd.add_argument("log_id", metavar="LOG_ID", help="immutable-... of the record")
+    _log_location(prove_cmd)
+    prove_cmd.add_argument("--pubkey", metavar="FILE", help="signing.pub (checks the checkpoint)")
+    prove_cmd.set_defaults(func=_cmd_prove)
+
+    check = sub.add_parser("verify-proof", help="check a proof printed by scalple prove")
+    check.add_argument("proof", metavar="FILE", help="the proof JSON, or - for stdin")
+    check.add_argument("--pubkey", metavar="FILE", required=True, help="the log's signing.pub")
+    check.set_defaults(func=_cmd_verify_proof)
 
     log_cmd = sub.add_parser("log", help="read the audit log")
     log_sub = log_cmd.add_subparsers(dest="log_command", required=True)
@@ -161,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", _cmd_log_export, "records as JSON lines, one object per line"),
     ):
         p = log_sub.add_parser(name, help=text)
-        where = p.add_mutually_exclusive_group()
-        where.add_argument("--log-dir", metavar="DIR", help="the audit log directory")
-        where.add_argument("--config", help="TOML configuration file; its [log] dir is read")
+        _log_location(p)
         p.set_defaults(func=func)
         if name == "tail":
             p.add_argument("-n", "--lines", type=int, default=20, help="how many (default 20)")

@@ -146,6 +146,21 @@ class ScalpleServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
+    def kill(self) -> None:
+        """SIGKILL the proxy and its audit worker at once: a crash, as a power
+        cut would leave it (minus the page cache)."""
+        if self.process is None:
+            return
+        pids = [self.process.pid, *_descendants(self.process.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.returncode = self.process.returncode
+        self.process = None
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait; SIGKILL if it does not exit. Returns the exit code."""
         if self.process is None:
@@ -182,3 +197,21 @@ class ScalpleServer:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = Path(f"/proc/{parent}/task").iterdir()
+            children = [
+                int(child) for task in tasks for child in (task / "children").read_text().split()
+            ]
+        except OSError:
+            continue
+        found.extend(children)
+        pending.extend(children)
+    return found

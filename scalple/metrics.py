@@ -96,6 +96,26 @@ class ProxyCollector(Collector):
             "1 while client reads are paused because the audit writer is behind.",
             value=1 if sink.congested else 0,
         )
+        yield GaugeMetricFamily(
+            "scalple_audit_unsynced_records",
+            "Records written but not yet fsynced: lost on power failure (async durability).",
+            value=sink.unsynced,
+        )
+        yield GaugeMetricFamily(
+            "scalple_audit_sync_interval_seconds",
+            "Longest time a written record waits for fsync (async durability's loss window).",
+            value=0.0 if sink.strict else proxy.config.log.sync_interval,
+        )
+        yield CounterMetricFamily(
+            "scalple_audit_records_lost",
+            "Records the store could not write and gave up ([log] on_failure = continue).",
+            value=sink.lost,
+        )
+        yield GaugeMetricFamily(
+            "scalple_audit_store_failing",
+            "1 while the audit log cannot be written (block mode refuses statements with 53100).",
+            value=1 if sink.failing is not None else 0,
+        )
 
 
 def serve_metrics(address: tuple[str, int], proxy: Proxy, sink: AuditSink) -> None:

@@ -8,7 +8,9 @@ written down (continue); and ``scalple verify`` passes afterwards.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -328,3 +330,23 @@ def test_cli_verify_passes_on_a_live_log(pg: PostgresCluster, tmp_path: Path) ->
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert records[10]["log_id"] in checked.stdout.decode()
+        _auditor_script_agrees(proof.stdout, pub, tmp_path)
+
+
+def _auditor_script_agrees(proof: bytes, pub: str, tmp_path: Path) -> None:
+    """The 30-line check in docs/verifying.md accepts the proof, and refuses
+    it once one byte of the record is changed."""
+    text = (Path(__file__).parent.parent / "docs" / "verifying.md").read_text()
+    script = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "check.py").write_text(script)
+    (tmp_path / "proof.json").write_bytes(proof)
+    run = [sys.executable, str(tmp_path / "check.py"), str(tmp_path / "proof.json"), pub]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("OK:"), result.stderr
+    document = json.loads(proof)
+    record = bytearray(base64.b64decode(document["record"]))
+    record[-1] ^= 1
+    document["record"] = base64.b64encode(bytes(record)).decode()
+    (tmp_path / "proof.json").write_text(json.dumps(document))
+    result = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "do not match the leaf hash" in result.stderr

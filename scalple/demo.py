@@ -77,6 +77,19 @@ def _workload(dsn_for: Any) -> tuple[str, str | None]:
         return row[0], row[1]
 
 
+def _verify(log_dir: Path) -> str:
+    """``scalple verify`` on the copy, in one line for the demo."""
+    from scalple.store.keys import VerifierKey
+    from scalple.store.verify import verify_log
+
+    key = VerifierKey.load(log_dir / "keys" / "signing.pub")
+    report = verify_log(log_dir, [key])[0]
+    return (
+        f"log intact: {report.records} records, {report.checkpoints} signed checkpoint(s) "
+        f"match, root {report.root[:16]}"
+    )
+
+
 def run_demo(*, json_output: bool = False) -> int:
     from scalple.devcluster import PgBouncer, PostgresCluster
     from scalple.devproxy import ScalpleServer
@@ -130,6 +143,9 @@ def run_demo(*, json_output: bool = False) -> int:
         kept = Path(".demo") / "log"
         shutil.rmtree(kept, ignore_errors=True)
         shutil.copytree(proxy.log_dir, kept)
+        with _timed("verifying the log: every hash, root and checkpoint signature"):
+            report = _verify(kept)
+        _step(report)
         if json_output:
             import msgspec
 
@@ -146,4 +162,8 @@ def run_demo(*, json_output: bool = False) -> int:
             people = sorted({r["session_user_id"] for r in records if r["session_user_id"]})
             print("\nEvery statement above reached PostgreSQL as 'app_user' through a shared pool;")
             print(f"Scalple attributed each one to its person: {', '.join(people)}.")
+            print(
+                f"Check it yourself: scalple verify --log-dir {kept}; prove one record: "
+                f"scalple prove {records[0]['log_id']} --log-dir {kept}"
+            )
     return 0

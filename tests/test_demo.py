@@ -25,3 +25,4 @@ def test_demo_attributes_two_people(tmp_path: Path) -> None:
     assert all(r["db_role"] == "app_user" for r in statements)
     assert "current_user='app_user', scalple.user_id=None" in result.stderr
     assert any((tmp_path / ".demo" / "log").rglob("*.seg"))
+    assert "log intact:" in result.stderr

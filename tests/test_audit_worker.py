@@ -8,9 +8,15 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import psycopg
 
+from scalple.config import AnalysisConfig, load_config
 from scalple.devcluster import PostgresCluster
+from scalple.events import SessionInfo
+from scalple.query.reader import LogReader
+from scalple.sink.enrich import build_enricher
+from scalple.sink.writer import RecordWriter
 from tests.conftest import ProxyFactory
 
 
@@ -48,7 +54,7 @@ def test_killed_worker_is_restarted_and_no_record_is_lost(
     )
     queries = [r["query"] for r in records]
     for i in range(20):
-        assert queries.count(f"select {i} as before_kill") >= 1
+        assert queries.count(f"select {i} as before_kill") == 1  # resends are deduplicated
         assert queries.count(f"select {i} as after_kill") == 1
     seqs = [r["seq"] for r in proxy.records(kind=None)]
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))  # never reused
@@ -69,3 +75,25 @@ def test_analysis_can_be_switched_off(proxy_factory: ProxyFactory, pg: PostgresC
     assert record["statement_class"] is None and record["affected_tables"] == []
     assert record["analysis_notes"] == ["analysis disabled ([analysis] enabled = false)"]
     assert record["command"] == "SELECT" and record["rows"] == 1
+
+
+def test_a_resent_batch_is_not_stored_twice(tmp_path: Path) -> None:
+    """A worker that wrote a batch and died before confirming it: the next
+    worker receives the batch again and stores only what is missing."""
+    config = msgspec.structs.replace(
+        load_config(None, log__dir=str(tmp_path / "log"), log__origin="test/resend"),
+        analysis=AnalysisConfig(enabled=False),
+    )
+    opened = [
+        SessionInfo(f"s-{n}", "127.0.0.1:1", "app_user", "app", "", None, None, "none", False, n)
+        for n in range(1, 6)
+    ]
+    first = RecordWriter(config, build_enricher(config))
+    first.write(opened[:3], lambda reason: None)
+    first.close()  # as if it died here, before its acknowledgement reached the proxy
+    second = RecordWriter(config, build_enricher(config))
+    second.write(opened[:4], lambda reason: None, resent=True)  # 3 stored, 1 new
+    second.write(opened[4:], lambda reason: None)
+    second.close()
+    stored = [r["session_id"] for r in LogReader(tmp_path / "log").records(kinds=None)]
+    assert stored == ["s-1", "s-2", "s-3", "s-4", "s-5"]

@@ -21,7 +21,7 @@ from scalple.records import decode_record, record_dict
 from scalple.store import layout
 from scalple.store.segment import SegmentError, frame_end, read_header, scan_frames
 
-__all__ = ["LogReader", "StoredRecord", "parse_time", "stored_records"]
+__all__ = ["LogReader", "StoredRecord", "parse_time", "segment_records", "stored_records"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _stamp(when: datetime) -> str:
 class StoredRecord:
     """A record with where it is stored: its leaf index and hash."""
 
-    __slots__ = ("digest", "index", "payload", "record", "segment")
+    __slots__ = ("digest", "end", "index", "payload", "record", "segment")
 
     def __init__(
         self, record: dict[str, Any], index: int, digest: bytes, segment: int, payload: bytes
@@ -70,11 +70,10 @@ class StoredRecord:
         self.digest = digest
         self.segment = segment
         self.payload = payload
+        self.end = 0  # byte offset after it in its segment
 
 
-def _segment_records(
-    path: Path, number: int, offset: int = 0
-) -> Iterator[tuple[StoredRecord, int]]:
+def segment_records(path: Path, number: int, offset: int = 0) -> Iterator[StoredRecord]:
     """The intact records of one segment from byte ``offset`` (0: the first),
     each with the offset after it; stops at the first incomplete or damaged
     frame.  Leaf indexes are known only when reading from the first record
@@ -113,7 +112,8 @@ def _segment_records(
             return
         record.log_id = "immutable-" + item.digest.hex()[:16]
         stored = StoredRecord(record_dict(record), index, item.digest, number, item.payload)
-        yield stored, begin + frame_end(item)
+        stored.end = begin + frame_end(item)
+        yield stored
         if index >= 0:
             index += 1
 
@@ -121,8 +121,7 @@ def _segment_records(
 def stored_records(origin_dir: Path) -> Iterator[StoredRecord]:
     """Every readable record of one origin, in log order."""
     for number in layout.segment_numbers(origin_dir):
-        for stored, _ in _segment_records(layout.segment_path(origin_dir, number), number):
-            yield stored
+        yield from segment_records(layout.segment_path(origin_dir, number), number)
 
 
 class LogReader:
@@ -177,9 +176,9 @@ class LogReader:
                 for current in numbers:
                     path = layout.segment_path(directory, current)
                     start = offset if current == number else 0
-                    for stored, end in _segment_records(path, current, start):
+                    for stored in segment_records(path, current, start):
                         found = True
-                        offset = end
+                        offset = stored.end
                         if kinds is None or stored.record.get("kind") in kinds:
                             yield stored.record
                     if current != numbers[-1]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from scalple.config import Config
 from scalple.logsafe import where
 from scalple.sink.base import Event
-from scalple.sink.worker import Ack, Started, worker_main
+from scalple.sink.worker import Ack, Resent, Started, worker_main
 
 __all__ = ["AuditLogUnavailable", "AuditSink"]
 
@@ -194,11 +194,11 @@ class AuditSink:
         with self._lock:
             resend = list(self._unacked)
         for batch in resend:
-            self._send(batch)
+            self._send(Resent(batch))
         if not resend:
             self._drained()  # nothing to confirm: no ack would ever clear it
 
-    def _send(self, batch: list[Event]) -> bool:
+    def _send(self, batch: list[Event] | Resent) -> bool:
         assert self._batches is not None
         try:
             self._batches.send(batch)

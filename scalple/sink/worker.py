@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -28,7 +28,7 @@ from scalple.config import Config
 if TYPE_CHECKING:
     from scalple.sink.writer import RecordWriter
 
-__all__ = ["Ack", "Started", "worker_main"]
+__all__ = ["Ack", "Resent", "Started", "worker_main"]
 
 _GROUP_LIMIT = 64  # batches written before one fsync, at most
 
@@ -70,6 +70,12 @@ def worker_main(batches: Connection, acks: Connection, config: Config, verbose: 
         return
     acks.send(Started(error=None))
     _Loop(writer, batches, acks, config).run()
+
+
+class Resent(msgspec.Struct, array_like=True):
+    """A batch sent again after a worker died: some of it may be stored already."""
+
+    batch: list[Any]
 
 
 class Started(msgspec.Struct, array_like=True):
@@ -134,9 +140,9 @@ class _Loop:
             writer.close()
             self.acks.close()
 
-    def receive(self) -> list[list[object]] | None:
+    def receive(self) -> list[list[Any] | Resent] | None:
         """The batches waiting now (at least one); None when told to stop."""
-        group: list[list[object]] = []
+        group: list[list[Any] | Resent] = []
         while True:
             batch = self.batches.recv()
             if batch is None:
@@ -147,11 +153,15 @@ class _Loop:
             if len(group) >= _GROUP_LIMIT or not self.batches.poll(0):
                 return group
 
-    def store(self, group: list[list[object]]) -> None:
+    def store(self, group: list[list[Any] | Resent]) -> None:
         writer = self.writer
         done: list[tuple[int, dict[str, int]]] = []
-        for batch in group:
-            counts = writer.write(batch, self.on_failing)  # type: ignore[arg-type]
+        for item in group:
+            if isinstance(item, Resent):
+                batch, resent = item.batch, True
+            else:
+                batch, resent = item, False
+            counts = writer.write(batch, self.on_failing, resent=resent)
             done.append((len(batch), counts))
         if self.strict:
             self.sync()

@@ -18,9 +18,11 @@ from collections.abc import Callable
 from scalple.config import Config
 from scalple.events import StatementEvent
 from scalple.logsafe import where
+from scalple.query.reader import segment_records
 from scalple.records import SessionRecord, StatementRecord, rfc3339, to_session_record
 from scalple.sink.base import Event
 from scalple.sink.enrich import Enricher
+from scalple.store import layout
 from scalple.store.writer import StoreError, StoreWriter, open_signing_key
 
 __all__ = ["RecordWriter"]
@@ -43,14 +45,29 @@ class RecordWriter:
         self.lost = 0  # records given up (on_failure = "continue" only)
         self._lost_since: tuple[int, str, str] | None = None  # count, first ts, why
         self.failing: str | None = None  # why the store cannot write, while it cannot
+        self._recent: set[tuple[object, ...]] | None = None  # built on the first resend
 
-    def write(self, batch: list[Event], on_failing: Callable[[str | None], None]) -> dict[str, int]:
+    def write(
+        self, batch: list[Event], on_failing: Callable[[str | None], None], *, resent: bool = False
+    ) -> dict[str, int]:
         """Store a batch; returns its statements counted by status.
 
         ``on_failing`` is told when the store starts and stops failing, so the
-        proxy can refuse statements (block) or count losses (continue).
+        proxy can refuse statements (block) or count losses (continue).  A
+        ``resent`` batch (the worker before this one died before confirming
+        it) is stored without the records the log already holds.
         """
         records = [self._record(event) for event in batch]
+        if resent:
+            stored = self._stored_keys()
+            kept = [r for r in records if _identity_of(r) not in stored]
+            if len(kept) != len(records):
+                log.warning(
+                    "a resent batch: %d of its %d records were already stored",
+                    len(records) - len(kept),
+                    len(records),
+                )
+            records = kept
         while True:
             try:
                 if self._lost_since is not None:
@@ -94,6 +111,19 @@ class RecordWriter:
         if self.failing is None:
             self.failing = reason
             on_failing(reason)
+
+    def _stored_keys(self) -> set[tuple[object, ...]]:
+        """What identifies the records of the newest two segments (a batch
+        the previous worker wrote before dying is in there)."""
+        if self._recent is None:
+            directory = self.store.dir
+            numbers = layout.segment_numbers(directory)[-2:]
+            self._recent = {
+                _identity_of_dict(stored.record)
+                for number in numbers
+                for stored in segment_records(layout.segment_path(directory, number), number)
+            }
+        return self._recent
 
     def _lose(self, records: list[Record], reason: str) -> None:
         count = len(records)
@@ -156,3 +186,20 @@ class RecordWriter:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _identity_of(record: Record) -> tuple[object, ...]:
+    """What tells two records apart, whatever their seq: the session, the
+    statement's number in it, the kind and the time."""
+    statement = record.statement_id if type(record) is StatementRecord else None
+    return (record.kind, record.session_id, statement, record.ts, record.client_addr)
+
+
+def _identity_of_dict(record: dict[str, object]) -> tuple[object, ...]:
+    return (
+        record.get("kind"),
+        record.get("session_id"),
+        record.get("statement_id"),
+        record.get("ts"),
+        record.get("client_addr"),
+    )

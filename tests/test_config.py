@@ -12,6 +12,8 @@ import pytest
 from scalple.config import ConfigError, load_config
 from scalple.devcluster import PostgresCluster, free_port
 from scalple.query.reader import LogReader
+from scalple.store.keys import VerifierKey
+from scalple.store.verify import verify_log
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -89,9 +91,20 @@ def test_cli_reports_config_error_and_exits_2(tmp_path: Path) -> None:
     assert "configuration error" in result.stderr and "bogus" in result.stderr
 
 
-def test_serve_with_three_flags_and_no_config(tmp_path: Path, pg: PostgresCluster) -> None:
+def test_serve_with_flags_and_no_config(tmp_path: Path, pg: PostgresCluster) -> None:
+    """listen, upstream, log dir and a signing key from ``scalple keygen``:
+    the log verifies with that key's public half and no key lands beside it."""
     port = free_port()
     log_dir = tmp_path / "log"
+    keys = tmp_path / "keys"
+    made = subprocess.run(
+        [sys.executable, "-m", "scalple", "keygen", "--out", str(keys), "--name", "ops"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert made.returncode == 0, made.stderr
+    assert (keys / "signing.key").stat().st_mode & 0o777 == 0o600
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -104,6 +117,8 @@ def test_serve_with_three_flags_and_no_config(tmp_path: Path, pg: PostgresCluste
             f"{pg.host}:{pg.port}",
             "--log-dir",
             str(log_dir),
+            "--signing-key",
+            str(keys / "signing.key"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -118,6 +133,9 @@ def test_serve_with_three_flags_and_no_config(tmp_path: Path, pg: PostgresCluste
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+    assert not (log_dir / "keys").exists()
+    reports = verify_log(log_dir, [VerifierKey.load(keys / "signing.pub")])
+    assert reports[0].signed_size == reports[0].records
     statements = list(LogReader(log_dir).records())
     # psycopg wraps the query in BEGIN ... COMMIT
     assert [s["tag"] for s in statements] == [

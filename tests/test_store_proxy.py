@@ -289,8 +289,12 @@ def _metric(port: int, name: str) -> float:
 
 
 def test_cli_verify_passes_on_a_live_log(pg: PostgresCluster, tmp_path: Path) -> None:
-    """``scalple verify`` while the proxy writes, then ``prove`` one record."""
-    config = {"log": {"origin": "test/cli", "checkpoint_interval": 0.1}}
+    """``scalple verify`` while the proxy writes, then ``prove`` one record;
+    the mirrored checkpoint is a witness the log must match."""
+    mirror = tmp_path / "mirror"
+    config = {
+        "log": {"origin": "test/cli", "checkpoint_interval": 0.1, "checkpoint_mirror": mirror}
+    }
     with ScalpleServer(f"{pg.host}:{pg.port}", tmp_path, config=config) as proxy:
         with psycopg.connect(_dsn(proxy, pg, "cli"), autocommit=True) as conn:
             for number in range(50):
@@ -331,6 +335,15 @@ def test_cli_verify_passes_on_a_live_log(pg: PostgresCluster, tmp_path: Path) ->
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert records[10]["log_id"] in checked.stdout.decode()
         _auditor_script_agrees(proof.stdout, pub, tmp_path)
+    witness = mirror / "test_cli" / "checkpoint"
+    assert (mirror / "test_cli" / "checkpoints").read_bytes().count(b"test/cli\n") >= 2
+    result = subprocess.run(
+        [*verify, "--pubkey", pub, "--checkpoint", str(witness)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and "given checkpoint(s) consistent" in result.stdout
 
 
 def _auditor_script_agrees(proof: bytes, pub: str, tmp_path: Path) -> None:

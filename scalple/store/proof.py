@@ -73,7 +73,10 @@ def _prove_in(
         except SegmentError as exc:
             raise ProofError(str(exc)) from None
         if base is None:
-            base = CompactRange(header.first_index, header.start_hashes)
+            try:
+                base = CompactRange(header.first_index, header.start_hashes)
+            except ValueError as exc:
+                raise ProofError(f"{path}: impossible header start: {exc}") from None
         for item in scan_frames(data, start):
             if not item.intact:
                 raise ProofError(
@@ -127,6 +130,12 @@ def check_proof(proof: InclusionProof, verifiers: Sequence[VerifierKey]) -> dict
         raise ProofError("the record's bytes do not hash to leaf_hash")
     if not verify_inclusion(digest, proof.leaf_index, checkpoint.size, path, checkpoint.root):
         raise ProofError("the audit path does not lead to the checkpoint's root")
+    # What the proof claims beside the path is shown to the auditor: it must be true too.
+    log_id = _LOG_ID_PREFIX + digest.hex()[:16]
+    if proof.log_id != log_id:
+        raise ProofError(f"log_id {proof.log_id} is not the proved record's id {log_id}")
+    if proof.origin != checkpoint.origin:
+        raise ProofError(f"origin {proof.origin!r} but the checkpoint is for {checkpoint.origin!r}")
     record = decode_record(payload)
-    record.log_id = _LOG_ID_PREFIX + digest.hex()[:16]
+    record.log_id = log_id
     return record_dict(record)

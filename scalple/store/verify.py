@@ -141,19 +141,24 @@ def verify_origin(
     """Verify one origin directory; returns the report and every tree size
     that a checkpoint signs with the root the log has at that size."""
     # Checkpoints first: everything they sign was fsynced before they were
-    # written, so a log being appended to meanwhile still verifies.
+    # written, so a log being appended to meanwhile still verifies.  The newest
+    # is read before the segments are listed, so that whatever a checkpoint
+    # read here signs lies in a listed segment; only those are verified (one
+    # created since has no checkpoints read, and the newest listed is read as
+    # the newest even if it was sealed meanwhile).
+    latest_file = directory / layout.CHECKPOINT_FILE
+    latest_note = latest_file.read_bytes() if latest_file.exists() else None
     numbers = layout.segment_numbers(directory)
     origin = _origin_of(directory, numbers[0])
     checkpoints: dict[int, list[Checkpoint]] = {}
     signed: dict[int, bytes] = {}
     for number in numbers:
         checkpoints[number] = _read_checkpoints(directory, number, origin, verifiers, signed)
-    latest_file = directory / layout.CHECKPOINT_FILE
-    if latest_file.exists():
-        latest = _open(latest_file.read_bytes(), verifiers, origin, f"{latest_file.name} file")
+    if latest_note is not None:
+        latest = _open(latest_note, verifiers, origin, f"{latest_file.name} file")
         _remember(signed, latest, origin, latest_file.name)
-    numbers = layout.segment_numbers(directory)  # a segment may have been sealed meanwhile
     removed = _check_start(directory, numbers, origin, catalog)
+    _check_end(numbers, origin, catalog)
 
     tree: CompactRange | None = None
     roots: dict[int, bytes] = {}
@@ -172,8 +177,12 @@ def verify_origin(
             raise Violation(
                 origin, where, f"header names origin {header.origin!r} segment {header.number}"
             )
-        start_range = CompactRange(header.first_index, header.start_hashes)
+        try:
+            start_range = CompactRange(header.first_index, header.start_hashes)
+        except ValueError as exc:
+            raise Violation(origin, where, f"impossible header start: {exc}") from None
         if tree is None:
+            _check_first(number, header.first_index, origin, catalog)
             tree = start_range
             first_index = header.first_index
         elif header.first_index != tree.size or start_range.root() != tree.root():
@@ -331,6 +340,52 @@ def _check_start(
         if number != previous + 1:
             raise Violation(origin, f"segment {previous + 1}", "missing between kept segments")
     return first - 1
+
+
+def _check_first(
+    number: int,
+    first_index: int,
+    origin: str,
+    catalog: dict[tuple[str, int], SegmentEntry] | None,
+) -> None:
+    """The oldest kept segment starts where the log starts, or where the
+    segment retention removed last ended: never inside what it removed."""
+    if number < 1:
+        raise Violation(origin, f"segment {number}", "segments are numbered from 1")
+    if number == 1:
+        if first_index != 0:
+            raise Violation(
+                origin,
+                "segment 1",
+                f"starts at record {first_index}, not 0: the log's first records were removed",
+            )
+        return
+    entry = catalog.get((origin, number - 1)) if catalog is not None else None
+    if entry is not None and entry.first_index + entry.count != first_index:
+        raise Violation(
+            origin,
+            f"segment {number}",
+            f"starts at record {first_index} but segment {number - 1}, removed by retention, "
+            f"ended at record {entry.first_index + entry.count}: records were removed",
+        )
+
+
+def _check_end(
+    numbers: list[int],
+    origin: str,
+    catalog: dict[tuple[str, int], SegmentEntry] | None,
+) -> None:
+    """Segments after the newest one present that the catalog lists as sealed
+    (retention never removes the newest) were removed from the end."""
+    if catalog is None:
+        return
+    for entry_origin, number in sorted(catalog):
+        if entry_origin == origin and number > numbers[-1]:
+            raise Violation(
+                origin,
+                f"segment {number}",
+                "missing, but the catalog lists it as sealed: records were cut from the end",
+            )
 
 
 def _check_sealed(

@@ -12,6 +12,7 @@ starts.  Nothing here trusts the writer's own bookkeeping.
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,11 +74,10 @@ def verify_log(
     directories = layout.origin_dirs(log_dir)
     if not directories:
         raise Violation("-", str(log_dir), "no segments found: not a Scalple log directory")
-    catalog = _catalog_entries(log_dir)
     reports = []
     seen: dict[str, dict[int, bytes]] = {}
     for directory in directories:
-        report, roots = verify_origin(directory, verifiers, catalog, progress=progress)
+        report, roots = verify_origin(directory, verifiers, progress=progress)
         reports.append(report)
         seen[report.origin] = roots
     for note in witnesses:
@@ -127,6 +127,8 @@ def _catalog_entries(log_dir: Path) -> dict[tuple[str, int], SegmentEntry] | Non
     catalog = Catalog(log_dir, readonly=True)
     try:
         return {(e.origin, e.number): e for e in catalog.entries()}
+    except sqlite3.OperationalError:
+        return {}  # being created by the first seal: no segment is sealed yet
     finally:
         catalog.close()
 
@@ -134,7 +136,6 @@ def _catalog_entries(log_dir: Path) -> dict[tuple[str, int], SegmentEntry] | Non
 def verify_origin(
     directory: Path,
     verifiers: Sequence[VerifierKey],
-    catalog: dict[tuple[str, int], SegmentEntry] | None,
     *,
     progress: Progress | None = None,
 ) -> tuple[OriginReport, dict[int, bytes]]:
@@ -157,8 +158,12 @@ def verify_origin(
     if latest_note is not None:
         latest = _open(latest_note, verifiers, origin, f"{latest_file.name} file")
         _remember(signed, latest, origin, latest_file.name)
+    # The catalog after the listing: a segment is sealed (its row committed)
+    # before the next one is created, so every listed segment but the newest
+    # has its row in what is read now.
+    catalog = _catalog_entries(directory.parent)
     removed = _check_start(directory, numbers, origin, catalog)
-    _check_end(numbers, origin, catalog)
+    _check_end(directory, numbers, origin, catalog)
 
     tree: CompactRange | None = None
     roots: dict[int, bytes] = {}
@@ -371,16 +376,22 @@ def _check_first(
 
 
 def _check_end(
+    directory: Path,
     numbers: list[int],
     origin: str,
     catalog: dict[tuple[str, int], SegmentEntry] | None,
 ) -> None:
     """Segments after the newest one present that the catalog lists as sealed
-    (retention never removes the newest) were removed from the end."""
+    (retention never removes the newest) were removed from the end.  One
+    sealed since the listing (the catalog is read after it) still exists."""
     if catalog is None:
         return
     for entry_origin, number in sorted(catalog):
-        if entry_origin == origin and number > numbers[-1]:
+        if (
+            entry_origin == origin
+            and number > numbers[-1]
+            and not layout.segment_path(directory, number).exists()
+        ):
             raise Violation(
                 origin,
                 f"segment {number}",

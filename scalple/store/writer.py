@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ __all__ = ["StoreError", "StoreWriter", "open_signing_key"]
 log = logging.getLogger(__name__)
 
 _SEQ_BLOCK = 1 << 16  # sequence numbers reserved ahead, so a crash never reuses one
+_BUILDING = ".new"  # suffix of a segment being created (not yet listed as one)
+_HEADER_LENGTH = struct.Struct("<I")  # a segment header's length field (segment.py)
+_HEADER_LIMIT = 1 << 16  # far above any real header (a few dozen hashes)
 
 
 class StoreError(Exception):
@@ -128,7 +132,11 @@ class StoreWriter:
         self.checkpoint_failures = 0
         self.mirror_failures = 0
         self._catalog: Catalog | None = None
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            os.close(self._lock_fd)  # a refused start must not leave the origin locked
+            raise
 
     # -- state --------------------------------------------------------------
 
@@ -299,8 +307,15 @@ class StoreWriter:
 
     def _open_segment(self, number: int) -> None:
         """Create segment ``number`` starting at the current tree, with its
-        opening checkpoint (the tree as it is now, already signed)."""
+        opening checkpoint (the tree as it is now, already signed).
+
+        The segment is written under a temporary name and renamed once its
+        header and opening checkpoint are on disk, so that a reader listing
+        segments (``scalple verify`` on a live log) never meets one without
+        its checkpoints.
+        """
         path = layout.segment_path(self.dir, number)
+        building = path.with_name(path.name + _BUILDING)
         header = SegmentHeader(
             version=1,
             origin=self.origin,
@@ -309,7 +324,9 @@ class StoreWriter:
             created_ns=time.time_ns(),
             start_hashes=list(self._range.hashes),
         )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        if path.exists():
+            raise StoreError(f"{path} exists already: run scalple verify")
+        fd = os.open(building, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             end = write_header(fd, header)
             os.fsync(fd)
@@ -317,12 +334,14 @@ class StoreWriter:
                 Checkpoint(origin=self.origin, size=self._range.size, root=self._range.root()),
                 self._key,
             )
-            _append_file(layout.checkpoints_path(self.dir, number), frame_note(note))
+            # Replaced, not appended: a crash may have left one of an earlier try.
+            _replace_file(layout.checkpoints_path(self.dir, number), frame_note(note))
+            os.rename(building, path)
             _fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                path.unlink()
+                building.unlink()
             raise
         self._segment = _Segment(number, path, fd, header, end)
         self._synced_end = end
@@ -396,6 +415,9 @@ class StoreWriter:
         return fd
 
     def _recover(self) -> None:
+        for stray in self.dir.glob("*.seg" + _BUILDING):
+            log.warning("removing %s: a crash cut its creation short", stray.name)
+            stray.unlink()
         numbers = layout.segment_numbers(self.dir)
         reserved = _read_seq(self.dir / layout.SEQ_FILE)
         if numbers and self._unfinished(numbers[-1]):
@@ -420,19 +442,27 @@ class StoreWriter:
         """Remove segment ``number`` if a crash cut its creation short.
 
         A segment is created, its header fsynced, then its opening checkpoint
-        written; before that last step it can hold no record.
+        written; before that last step is whole it can hold no record.
         """
-        if layout.checkpoints_path(self.dir, number).exists():
-            return False
+        checkpoints = layout.checkpoints_path(self.dir, number)
+        try:
+            if split_notes(checkpoints.read_bytes())[0]:
+                return False
+        except FileNotFoundError:
+            pass
+        except CheckpointError:
+            return False  # damage, not a crash: _recover_segment says so
         path = layout.segment_path(self.dir, number)
         data = path.read_bytes()
         try:
             _, start = read_header(data, path)
         except SegmentError:
-            start = len(MAGIC)
+            start = len(data) if _header_cut_short(data) else len(MAGIC)
         if len(data) > start:
             return False  # records without a checkpoint file: damage, not a crash
         log.warning("removing %s: its creation was cut short by a crash", path.name)
+        with contextlib.suppress(FileNotFoundError):
+            checkpoints.unlink()  # first: a new segment of this number must not append to it
         path.unlink()
         index = layout.index_path(self.dir, number - 1)
         with contextlib.suppress(FileNotFoundError):
@@ -591,9 +621,14 @@ def _replace_file(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself must survive a power loss (the seq mark)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -610,6 +645,16 @@ def _file_digest(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             hasher.update(chunk)
     return hasher.hexdigest()
+
+
+def _header_cut_short(data: bytes) -> bool:
+    """Whether ``data`` is the start of a segment header whose write a crash cut short."""
+    if not MAGIC.startswith(data[: len(MAGIC)]):
+        return False
+    if len(data) < len(MAGIC) + _HEADER_LENGTH.size:
+        return True
+    end = len(MAGIC) + _HEADER_LENGTH.size + int(_HEADER_LENGTH.unpack_from(data, len(MAGIC))[0])
+    return len(data) < end <= _HEADER_LIMIT
 
 
 def _read_seq(path: Path) -> int:

@@ -998,3 +998,16 @@ def test_statement_analysis_is_a_frozen_struct() -> None:
     assert isinstance(result, StatementAnalysis)
     with pytest.raises(AttributeError):
         result.command = "x"  # type: ignore[misc]
+
+
+def test_parse_error_notes_never_quote_the_statement() -> None:
+    """PostgreSQL's syntax error names the token it stopped at; that token can
+    be a constant holding personal data, and notes are stored in the record."""
+    from scalple.analysis.sql import analyze
+
+    leaky = "select * from users where email = 'ana@example.com' 'bob@example.com'"
+    notes = analyze(leaky).unresolved
+    assert notes and notes[0].startswith("statement could not be parsed: syntax error at byte")
+    assert not any("example.com" in note for note in notes)
+    block = analyze("do $$ begin perform 'ana@example.com' 'x'; end $$").unresolved
+    assert not any("example.com" in note for note in block)

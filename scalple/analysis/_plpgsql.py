@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from pglast import parser as pg_parser
 
+from scalple.analysis._errors import describe_parse_error
+
 if TYPE_CHECKING:
     from scalple.analysis._resolver import Analyzer, Node
 
@@ -69,7 +71,7 @@ def analyze_do_block(analyzer: Analyzer, body: Node) -> None:
     try:
         tree = orjson.loads(pg_parser.parse_plpgsql_json(source))
     except (pg_parser.ParseError, orjson.JSONDecodeError) as exc:
-        analyzer.note(f"DO block could not be parsed: {exc}")
+        analyzer.note(f"DO block could not be parsed: {describe_parse_error(exc)}")
         return
     variables: set[str] = set()
     _collect_variables(tree, variables)

@@ -163,6 +163,10 @@ class Relation(msgspec.Struct, frozen=True):
     """Non-dropped user columns in ``attnum`` order."""
     definition: str | None = None
     """``SELECT`` text of a view or materialized view (fully qualified when loaded)."""
+    oid: int = 0
+    """``pg_class`` OID (0 in hand-built catalogs): what RowDescription names."""
+    attnums: tuple[int, ...] = ()
+    """``attnum`` of each of ``columns`` (dropped columns leave gaps); empty when unknown."""
 
     @property
     def qualified(self) -> str:
@@ -436,7 +440,8 @@ class Catalog:
 
 _SQL_RELATIONS: Final = """
 SELECT n.nspname, c.relname, c.relkind::text,
-       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END
+       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END,
+       c.oid::int8
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p')
@@ -446,7 +451,7 @@ WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p')
 """
 
 _SQL_COLUMNS: Final = """
-SELECT n.nspname, c.relname, a.attname
+SELECT n.nspname, c.relname, a.attname, a.attnum
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -503,8 +508,10 @@ def load_catalog(dsn: str, search_path: str | None = None) -> Catalog:
             rel_rows = cur.fetchall()
             cur.execute(_SQL_COLUMNS)
             columns: dict[tuple[str, str], list[str]] = {}
-            for nsp, rel, att in cur.fetchall():
+            attnums: dict[tuple[str, str], list[int]] = {}
+            for nsp, rel, att, attnum in cur.fetchall():
                 columns.setdefault((nsp, rel), []).append(att)
+                attnums.setdefault((nsp, rel), []).append(int(attnum))
             cur.execute(_SQL_FUNCTIONS)
             fn_rows = cur.fetchall()
             cur.execute(_SQL_SYSTEM_FUNCTIONS)
@@ -524,8 +531,10 @@ def load_catalog(dsn: str, search_path: str | None = None) -> Catalog:
             kind=_RELKIND_NAMES[kind],
             columns=tuple(columns.get((nsp, rel), ())),
             definition=_strip_definition(viewdef),
+            oid=int(oid),
+            attnums=tuple(attnums.get((nsp, rel), ())),
         )
-        for nsp, rel, kind, viewdef in rel_rows
+        for nsp, rel, kind, viewdef, oid in rel_rows
     ]
     functions = []
     for nsp, name, args, kind, retset, argnames, argmodes in fn_rows:

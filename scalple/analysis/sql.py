@@ -106,6 +106,7 @@ import msgspec
 from pglast import parser as pg_parser
 
 from scalple.analysis._commands import command_tag, pgaudit_class
+from scalple.analysis._errors import describe_parse_error
 from scalple.analysis._resolver import FULL_TEXT, INSENSITIVE, Analyzer, parse_json
 from scalple.analysis.catalog import Catalog
 
@@ -302,7 +303,7 @@ def analyze_full(sql: str, catalog: Catalog | None, fp: str | None = None) -> _R
                 statement_class="MISC",
                 affected_tables=[],
                 columns_accessed={},
-                unresolved=[f"statement could not be parsed: {exc}"],
+                unresolved=[f"statement could not be parsed: {describe_parse_error(exc)}"],
                 fingerprint=fp,
             ),
             FULL_TEXT,
@@ -318,7 +319,7 @@ def analyze_full(sql: str, catalog: Catalog | None, fp: str | None = None) -> _R
         command, statement_class = analyzer.statement(node)
     except Exception as exc:  # a parse tree shape the analyser does not expect
         node_type, body = next(iter(node.items()))
-        analyzer.note(f"internal error while analyzing: {type(exc).__name__}: {exc}")
+        analyzer.note(f"internal error while analyzing: {type(exc).__name__}")
         command, statement_class = command_tag(node_type, body), pgaudit_class(node_type, body)
     if len(statements) > 1:
         analyzer.note(

@@ -271,6 +271,21 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_subject_tag(args: argparse.Namespace) -> int:
+    from scalple.masking.masks import Masker, key_from_file
+
+    config = load_config(args.config)
+    kinds = sorted(set(config.subjects.values()))
+    if args.kind not in kinds:
+        known = ", ".join(kinds) or "none configured"
+        print(f"scalple: no subject kind {args.kind!r} in [subjects] ({known})", file=sys.stderr)
+        return 2
+    assert config.masking.key_file is not None  # required by [subjects]; checked at load
+    masker = Masker(key_from_file(config.masking.key_file))
+    print(masker.subject_tag(args.kind, args.id))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scalple", description="PostgreSQL audit proxy: who accessed which data."
@@ -310,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     _log_location(prove_cmd)
     prove_cmd.add_argument("--pubkey", metavar="FILE", help="signing.pub (checks the checkpoint)")
     prove_cmd.set_defaults(func=_cmd_prove)
+
+    tag = sub.add_parser(
+        "subject-tag", help="the tag a data subject's id is logged under (to search by it)"
+    )
+    tag.add_argument("--config", required=True, help="the proxy's TOML file ([masking] key)")
+    tag.add_argument("kind", metavar="KIND", help="a subject kind of [subjects], e.g. customer")
+    tag.add_argument("id", metavar="ID", help="the id as PostgreSQL prints it, e.g. 42")
+    tag.set_defaults(func=_cmd_subject_tag)
 
     check = sub.add_parser("verify-proof", help="check a proof printed by scalple prove")
     check.add_argument("proof", metavar="FILE", help="the proof JSON, or - for stdin")

@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "IdentityConfig",
     "LogConfig",
+    "MaskingConfig",
     "MetricsConfig",
     "ServerConfig",
     "UpstreamConfig",
@@ -82,6 +83,7 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     checkpoint_interval: Seconds = 1.0
     checkpoint_records: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     retention: str = ""
+    literals: Literal["pii", "all", "none"] = "pii"
 
 
 class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,6 +114,16 @@ class AnalysisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_size: Annotated[int, msgspec.Meta(ge=1)] = 10_000
 
 
+class MaskingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[masking]``: the key of pseudonyms and subject tags, and bounds."""
+
+    key_file: str | None = None
+    subjects_limit: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+
+
+Mask = Literal["email", "partial", "redact", "pseudonym"]
+
+
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[metrics]``: the Prometheus endpoint (off when ``listen`` is empty)."""
 
@@ -128,6 +140,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
     catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
     analysis: AnalysisConfig = msgspec.field(default_factory=AnalysisConfig)
+    pii: dict[str, Mask] = msgspec.field(default_factory=dict)
+    subjects: dict[str, str] = msgspec.field(default_factory=dict)
+    masking: MaskingConfig = msgspec.field(default_factory=MaskingConfig)
 
 
 _UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -169,6 +184,19 @@ def _validate(config: Config, source: str) -> Config:
         config.log.origin != config.log.origin.strip() or not config.log.origin.isprintable()
     ):
         raise ConfigError(f"{source}: $.log.origin: printable text without edge spaces, please")
+    for table, columns in (("pii", config.pii), ("subjects", config.subjects)):
+        for column in columns:
+            if len(column.split(".")) != 3 or not all(column.split(".")):
+                raise ConfigError(f"{source}: $.{table}[{column!r}]: expected schema.table.column")
+    for column, kind in config.subjects.items():
+        if not kind or not kind.isprintable():
+            raise ConfigError(f"{source}: $.subjects[{column!r}]: a subject kind like 'customer'")
+    keyed = config.subjects or "pseudonym" in config.pii.values()
+    if keyed and config.masking.key_file is None:
+        raise ConfigError(
+            f"{source}: $.masking.key_file is needed for [subjects] and pseudonym masks "
+            "(a file with at least 32 secret bytes)"
+        )
     if config.metrics.listen:
         parse_address(config.metrics.listen, key=f"{source}: $.metrics.listen")
     if (config.server.tls_cert is None) != (config.server.tls_key is None):
@@ -181,6 +209,7 @@ def _validate(config: Config, source: str) -> Config:
         ("identity.public_key_file", config.identity.public_key_file),
         ("catalog.password_file", config.catalog.password_file),
         ("log.signing_key", config.log.signing_key),
+        ("masking.key_file", config.masking.key_file),
     ):
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{source}: $.{key}: no such file {path!r}")

@@ -8,6 +8,7 @@ runs in a temporary directory and is removed afterwards.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import sys
 import time
@@ -58,6 +59,9 @@ def _workload(dsn_for: Any) -> tuple[str, str | None]:
         alice.execute("select id, name, email from customers where id = %s", (42,)).fetchall()
         bob.execute("select sum(amount) from orders where customer_id = %s", (42,)).fetchall()
         alice.execute("select name, city from customers where city = 'Lyon' limit 5").fetchall()
+        alice.execute(
+            "select id, city from customers where email = 'customer7@example.com'"
+        ).fetchall()
         with bob.transaction():
             bob.execute("insert into orders (customer_id, amount) values (%s, %s)", (42, 99))
             bob.execute("update customers set city = 'Turin' where id = %s", (42,))
@@ -113,10 +117,25 @@ def run_demo(*, json_output: bool = False) -> int:
             secret = pg.base_dir / "catalog-password"
             secret.write_text("app_pass\n")
             secret.chmod(0o600)
+            # The key of pseudonyms and subject tags: a throw-away one here.
+            key = pg.base_dir / "masking.key"
+            key.write_bytes(secrets.token_hex(32).encode() + b"\n")
+            key.chmod(0o600)
             proxy = stack.enter_context(
                 ScalpleServer(
                     f"{bouncer.host}:{bouncer.port}",
-                    config={"catalog": {"password_file": str(secret)}},
+                    config={
+                        "catalog": {"password_file": str(secret)},
+                        "masking": {"key_file": str(key)},
+                        "pii": {
+                            "public.customers.email": "email",
+                            "public.customers.name": "pseudonym",
+                        },
+                        "subjects": {
+                            "public.customers.id": "customer",
+                            "public.orders.customer_id": "customer",
+                        },
+                    },
                 )
             )
         _step(

@@ -35,12 +35,19 @@ def _toml_value(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one, else quoted (``"public.users.email"``)."""
+    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        return key
+    return _toml_value(key)
+
+
 def render_toml(tables: Mapping[str, Mapping[str, object]]) -> str:
     """A TOML document of flat tables (all the configuration needs)."""
     lines: list[str] = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.extend(f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
 

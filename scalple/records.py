@@ -119,6 +119,14 @@ class StatementRecord(msgspec.Struct, kw_only=True, array_like=True):
     query_truncated: the text was cut at ``[log] capture_limit``.
     identity_problem: why a presented identity was not used (expired token...).
     analysis_notes: what analysis could not resolve, said explicitly.
+    masked_fields: ``{column, mask, value}`` for each value masked in
+        ``query`` or ``params`` (``value`` is the masked form, never the raw one).
+    subjects: keyed pseudonymous tags of the data subjects the statement
+        touched (``scalple subject-tag KIND ID`` gives the tag of an id).
+    subject_kinds: the kinds of those subjects (``customer``...), sorted.
+    subjects_count: how many distinct subjects were seen (also past the bound).
+    subjects_truncated: more than ``[masking] subjects_limit`` subjects: the
+        tags stop at the bound.
     """
 
     ts: str
@@ -152,6 +160,11 @@ class StatementRecord(msgspec.Struct, kw_only=True, array_like=True):
     query_truncated: bool = False
     identity_problem: str | None = None
     analysis_notes: list[str] = msgspec.field(default_factory=list)
+    masked_fields: list[dict[str, str]] = msgspec.field(default_factory=list)
+    subjects: list[str] = msgspec.field(default_factory=list)
+    subject_kinds: list[str] = msgspec.field(default_factory=list)
+    subjects_count: int = 0
+    subjects_truncated: bool = False
 
 
 class SessionRecord(msgspec.Struct, kw_only=True, array_like=True):

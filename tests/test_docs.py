@@ -58,5 +58,7 @@ def test_every_configuration_key_is_documented() -> None:
     for table_name in Config.__struct_fields__:
         assert f"## `[{table_name}]`" in text, table_name
         table = getattr(Config(), table_name)
+        if isinstance(table, dict):
+            continue  # a table of the user's own keys (column names)
         for key in msgspec.structs.fields(table):
             assert f"| `{key.name}` |" in text, f"[{table_name}] {key.name}"

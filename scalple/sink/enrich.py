@@ -22,6 +22,8 @@ from scalple.analysis.sql import StatementAnalysis, split_statements
 from scalple.config import Config, parse_address
 from scalple.events import StatementEvent, monotonic_to_wall_ns
 from scalple.logsafe import where
+from scalple.masking.masks import Masker, key_from_file
+from scalple.masking.statement import StatementMasker, SubjectSet
 from scalple.records import StatementRecord, rfc3339, statement_params
 
 __all__ = ["REDACTED_TOKEN", "Enricher", "build_enricher", "redact_tokens"]
@@ -60,11 +62,19 @@ class Enricher:
     """Builds statement records; owns the analysis cache and the catalogs."""
 
     def __init__(
-        self, cache: AnalysisCache, catalogs: CatalogProvider | None, *, analyse: bool = True
+        self,
+        cache: AnalysisCache,
+        catalogs: CatalogProvider | None,
+        *,
+        analyse: bool = True,
+        masker: StatementMasker | None = None,
+        subjects_limit: int = 10_000,
     ) -> None:
         self.cache = cache
         self.catalogs = catalogs
         self.analyse = analyse
+        self.masker = masker or StatementMasker({}, {}, "none", None)
+        self.subjects_limit = subjects_limit
         self._splits: OrderedDict[str, list[str]] = OrderedDict()
         self._exact: OrderedDict[tuple[str, str], StatementAnalysis] = OrderedDict()
         self.failures = 0
@@ -84,13 +94,17 @@ class Enricher:
 
     def _analyse(
         self, event: StatementEvent, text: str | None
-    ) -> tuple[StatementAnalysis | None, list[str]]:
+    ) -> tuple[StatementAnalysis | None, list[str], Catalog | None]:
         if event.protocol == "function":
-            return _FUNCTION_CALL, list(_FUNCTION_CALL.unresolved)
+            return _FUNCTION_CALL, list(_FUNCTION_CALL.unresolved), None
         if text is None:
-            return None, ["statement text not seen by the proxy (prepared before it or elsewhere)"]
+            return (
+                None,
+                ["statement text not seen by the proxy (prepared before it or elsewhere)"],
+                None,
+            )
         if not self.analyse:
-            return None, ["analysis disabled ([analysis] enabled = false)"]
+            return None, ["analysis disabled ([analysis] enabled = false)"], None
         session = event.session
         notes: list[str] = []
         catalog = None
@@ -105,14 +119,14 @@ class Enricher:
             log.error(
                 "analysis failed (%s) for a statement of session %s", where(exc), session.session_id
             )
-            return None, [*notes, f"analysis failed: {type(exc).__name__}"]
+            return None, [*notes, f"analysis failed: {type(exc).__name__}"], catalog
         if (
             analysis.statement_class in ("DDL", "ROLE")
             and event.status == "ok"
             and self.catalogs is not None
         ):
             self.catalogs.invalidate(session.database)
-        return analysis, [*notes, *analysis.unresolved]
+        return analysis, [*notes, *analysis.unresolved], catalog
 
     def _analysis(self, text: str, catalog: Catalog | None) -> StatementAnalysis:
         """Exact text first (prepared statements repeat it byte for byte: no
@@ -135,13 +149,16 @@ class Enricher:
         text = raw
         if raw is not None and event.protocol == "simple":
             text = self._statement_text(raw, event.query_index)
-        analysis, notes = self._analyse(event, text)
-        return self._build(event, text, analysis, notes)
+        analysis, notes, catalog = self._analyse(event, text)
+        return self._build(event, text, analysis, notes, catalog)
 
     def bare_record(self, event: StatementEvent) -> StatementRecord:
-        """A record without analysis, when building the full one failed."""
+        """A record without analysis, when building the full one failed:
+        masking then assumes the worst (every constant and parameter)."""
         text = event.query.decode("utf-8", "replace") if event.query is not None else None
-        return self._build(event, text, None, ["record written without analysis (internal error)"])
+        return self._build(
+            event, text, None, ["record written without analysis (internal error)"], None
+        )
 
     def _build(
         self,
@@ -149,10 +166,26 @@ class Enricher:
         text: str | None,
         analysis: StatementAnalysis | None,
         notes: list[str],
+        catalog: Catalog | None,
     ) -> StatementRecord:
         session = event.session
         identity = event.identity
         params = statement_params(event)
+        subjects = SubjectSet(self.subjects_limit)
+        masker = self.masker
+        masked_fields: list[dict[str, str]] = []
+        if masker.active:
+            # Planned only with a catalog: without one, unqualified columns
+            # cannot be told to be PII, and every constant is masked instead.
+            masked = masker.apply(
+                text,
+                params,
+                catalog=catalog,
+                planned=analysis is not None and catalog is not None,
+                subjects=subjects,
+            )
+            text, params, masked_fields = masked.query, masked.params, masked.masked_fields
+            notes = notes + [note for note in masked.notes if note not in notes]
         if text is not None:
             text = redact_tokens(text)
         if params:
@@ -188,6 +221,11 @@ class Enricher:
             query_truncated=event.query_truncated,
             identity_problem=identity.problem,
             analysis_notes=notes,
+            masked_fields=masked_fields,
+            subjects=list(subjects.tags),
+            subject_kinds=sorted(subjects.kinds),
+            subjects_count=subjects.count,
+            subjects_truncated=subjects.truncated,
         )
 
 
@@ -208,6 +246,14 @@ def build_enricher(config: Config) -> Enricher:
             sslrootcert=up.tls_ca_file,
         )
         catalogs = CatalogProvider(source, refresh_interval=config.catalog.refresh_interval)
+    keyed = None
+    if config.masking.key_file is not None:
+        keyed = Masker(key_from_file(config.masking.key_file))
+    masker = StatementMasker(config.pii, config.subjects, config.log.literals, keyed)
     return Enricher(
-        AnalysisCache(config.analysis.cache_size), catalogs, analyse=config.analysis.enabled
+        AnalysisCache(config.analysis.cache_size),
+        catalogs,
+        analyse=config.analysis.enabled,
+        masker=masker,
+        subjects_limit=config.masking.subjects_limit,
     )

@@ -1,0 +1,213 @@
+"""The guarantee of the PII issue, end to end: a workload reads and writes
+known personal data through every path (simple and extended protocol,
+binary parameters, COPY, a unique violation whose DETAIL holds the value),
+then every byte the proxy wrote (log directory, its own log, the metrics
+page) is scanned for each value, raw, case-folded and JSON-escaped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from scalple.devcluster import PostgresCluster, free_port
+from scalple.devproxy import ScalpleServer
+
+EMAILS = ["ana.lopez@example.org", "Bruno.Keller@Example.net", "chloe+tag@exemple.fr"]
+PHONES = ["+33612345678", "+41791234567", "+4915112345678"]
+IBANS = ["FR7630006000011234567890189", "CH9300762011623852957", "DE89370400440532013000"]
+NAMES = ["Ana Lopez-Garcia", "Bruno Keller", "Chloé Dubois"]
+SECRET_VALUES = EMAILS + PHONES + IBANS + NAMES
+
+_SCHEMA = """
+create table if not exists pii_users (
+    id int primary key, email text unique, phone text, iban text, name text
+);
+create table if not exists pii_orders (id serial primary key, user_id int, amount numeric);
+grant select, insert, update, delete on pii_users, pii_orders to app_user;
+grant usage on sequence pii_orders_id_seq to app_user;
+"""
+
+
+@pytest.fixture
+def masked_proxy(
+    pg: PostgresCluster, catalog_password: str, tmp_path: Path
+) -> Iterator[ScalpleServer]:
+    pg.psql(_SCHEMA)
+    pg.psql("truncate pii_users, pii_orders")
+    key = tmp_path / "masking.key"
+    key.write_text("k" * 48 + "\n")
+    key.chmod(0o600)
+    metrics_port = free_port()
+    config: dict[str, dict[str, object]] = {
+        "catalog": {"password_file": catalog_password},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "masking": {"key_file": str(key)},
+        "pii": {
+            "public.pii_users.email": "email",
+            "public.pii_users.phone": "partial",
+            "public.pii_users.iban": "redact",
+            "public.pii_users.name": "pseudonym",
+        },
+        "subjects": {
+            "public.pii_users.id": "customer",
+            "public.pii_orders.user_id": "customer",
+        },
+    }
+    proxy = ScalpleServer(f"{pg.host}:{pg.port}", tmp_path / "proxy", config=config)
+    proxy.metrics_port = metrics_port  # type: ignore[attr-defined]
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.cleanup()
+
+
+def _dsn(proxy: ScalpleServer) -> str:
+    return proxy.dsn(
+        user="app_user", password="app_pass", dbname="app", options="-c scalple.user_id=dpo-test"
+    )
+
+
+def _workload(proxy: ScalpleServer) -> None:
+    with psycopg.connect(_dsn(proxy), autocommit=True) as conn:
+        # simple protocol, literals
+        conn.execute(
+            f"insert into pii_users values (1001, '{EMAILS[0]}', '{PHONES[0]}', "
+            f"'{IBANS[0]}', '{NAMES[0]}')",
+            prepare=False,
+        )
+        conn.execute(
+            f"select id, name from pii_users where email = '{EMAILS[0]}'", prepare=False
+        ).fetchall()
+        conn.execute(
+            f"select id from pii_users where email in ('{EMAILS[0]}', '{EMAILS[1]}')",
+            prepare=False,
+        ).fetchall()
+        conn.execute(
+            "select id from pii_users where lower(email) like 'ana.lopez@%'", prepare=False
+        ).fetchall()
+        conn.execute(f"update pii_users set phone = '{PHONES[2]}' where id = 1001", prepare=False)
+        # extended protocol, text parameters
+        conn.execute(
+            "insert into pii_users (id, email, phone, iban, name) values (%s, %s, %s, %s, %s)",
+            (1002, EMAILS[1], PHONES[1], IBANS[1], NAMES[1]),
+        )
+        conn.execute("select * from pii_users where email = %s", (EMAILS[1],)).fetchall()
+        conn.execute("select id from pii_users where email = any(%s)", ([EMAILS[0], EMAILS[1]],))
+        conn.execute(
+            "insert into pii_orders (user_id, amount) values (%s, 10), (1002, 20)", (1001,)
+        )
+        # COPY: the rows travel as CopyData, never captured
+        with conn.cursor() as cur, cur.copy("copy pii_users from stdin") as copy:
+            copy.write_row((1003, EMAILS[2], PHONES[2], IBANS[2], NAMES[2]))
+        # a unique violation: PostgreSQL's DETAIL carries the email
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("insert into pii_users (id, email) values (%s, %s)", (1004, EMAILS[2]))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(
+                f"insert into pii_users (id, email) values (1005, '{EMAILS[0]}')", prepare=False
+            )
+        # a syntax error next to a value: the error names the token
+        with pytest.raises(psycopg.errors.SyntaxError):
+            conn.execute(f"select * from pii_users where email = '{EMAILS[1]}' '{IBANS[2]}'")
+
+    async def binary() -> None:
+        conn = await asyncpg.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user="app_user",
+            password="app_pass",
+            database="app",
+            server_settings={"scalple.user_id": "dpo-test"},
+        )
+        try:
+            await conn.fetch("select id from pii_users where iban = $1", IBANS[2])
+            await conn.fetch("select email from pii_users where id = $1", 1003)
+        finally:
+            await conn.close()
+
+    asyncio.run(binary())
+
+
+def _variants(value: str) -> set[str]:
+    escaped = json.dumps(value)[1:-1]
+    return {value, value.lower(), value.upper(), escaped, escaped.lower()}
+
+
+def test_no_pii_value_reaches_anything_the_proxy_wrote(masked_proxy: ScalpleServer) -> None:
+    proxy = masked_proxy
+    _workload(proxy)
+    records = proxy.wait_for_records(lambda rs: len(rs) >= 15, timeout=20)
+    port = proxy.metrics_port  # type: ignore[attr-defined]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        metrics = page.read()
+    assert proxy.stop() == 0
+    written = proxy.log_bytes() + proxy.stderr().encode() + metrics
+    assert b"pii_users" in written  # the scan reads the real log
+    for value in SECRET_VALUES:
+        for form in _variants(value):
+            assert form.encode() not in written, f"{value!r} found as {form!r}"
+    by_query = {r["query"]: r for r in records}
+    insert = next(r for q, r in by_query.items() if q.startswith("insert into pii_users values"))
+    shown = {f["column"]: f["value"] for f in insert["masked_fields"]}
+    assert shown["public.pii_users.email"] == "a***@***.org"
+    assert shown["public.pii_users.phone"] == "***78"
+    assert shown["public.pii_users.iban"] == "***"
+    assert shown["public.pii_users.name"].startswith("pn_")
+    extended = next(
+        r for r in records if r["command"] == "INSERT" and r["params"] and len(r["params"]) == 5
+    )
+    assert extended["params"][0].startswith("sub_")  # a subject id: its tag stands for it
+    assert extended["params"][1:4] == ["B***@***.net", "***67", "***"]
+    array = next(r for r in records if "any($1)" in (r["query"] or ""))
+    assert array["params"] == ["{a***@***.org,B***@***.net}"]
+    return_records(records)
+
+
+def return_records(records: list[dict[str, Any]]) -> None:
+    """Hook for the subject assertions below (kept apart for readability)."""
+    tagged = [r for r in records if r["subjects"]]
+    assert tagged, "predicates on subject columns produce tags"
+    assert all(r["subject_kinds"] == ["customer"] for r in tagged)
+
+
+def test_subject_tag_cli_finds_the_predicate_subject(masked_proxy: ScalpleServer) -> None:
+    proxy = masked_proxy
+    with psycopg.connect(_dsn(proxy), autocommit=True) as conn:
+        conn.execute("select 1 from pii_users where id = 1001", prepare=False).fetchall()
+        conn.execute("select 1 from pii_orders where user_id = %s", (1002,)).fetchall()
+        conn.execute("select 1 from pii_users where id in (1001, 1003)", prepare=False)
+    records = proxy.wait_for_records(lambda rs: len(rs) >= 3)
+    tag = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scalple",
+            "subject-tag",
+            "--config",
+            str(proxy.config_path),
+            "customer",
+            "1001",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert tag.returncode == 0, tag.stderr
+    tag_1001 = tag.stdout.strip()
+    assert tag_1001.startswith("sub_")
+    first, second, third = records[-3:]
+    assert first["subjects"] == [tag_1001]
+    assert "1001" not in first["query"] and tag_1001 in first["query"]
+    assert second["subjects"] and second["subjects"] != [tag_1001]
+    assert tag_1001 in third["subjects"] and third["subjects_count"] == 2

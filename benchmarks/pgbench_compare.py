@@ -13,9 +13,15 @@ Scalple runs with its audit log on (the only mode it has): after every run throu
 proxy the script counts the statement records the proxy wrote, so nobody can publish a
 number for a proxy that was not auditing.
 
+With ``--store`` the script compares audit logs instead of proxies, in the same
+interleaved way: Scalple -> PostgreSQL with the JSON-lines sink the store replaced
+(commit f736e1d, run from a git worktree), with the store in ``durability = "async"``
+and with the store in ``durability = "strict"``, at 16 clients and 1 client.
+
 Usage::
 
     python benchmarks/pgbench_compare.py [--duration S] [--rounds N] [--scale 10] [--json]
+                                         [--store [--jsonl-tree DIR]]
 
 Progress goes to stderr; the report (a table, or JSON with ``--json``) to stdout.  The
 exit status is 0 whether the performance targets are met or not: this is a measurement,
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.machinery
 import importlib.metadata
 import json
 import math
@@ -36,6 +43,7 @@ import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +57,8 @@ from typing import Any, TextIO, cast
 import scalple
 from scalple.devcluster import PgBouncer, PostgresCluster, Role
 from scalple.devproxy import ScalpleServer
+from scalple.store import layout
+from scalple.store.segment import FRAME_OVERHEAD, SegmentError, read_header
 
 USER = "app_user"
 PASSWORD = "app_pass"
@@ -58,8 +68,17 @@ TPS_RE = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 PROCESSED_RE = re.compile(r"number of transactions actually processed: (\d+)")
 FAILED_RE = re.compile(r"number of failed transactions: (\d+)")
 STATEMENT_MARK = b'"kind":"statement"'
-"""Occurs exactly once in every statement record, wherever the field sits: inside JSON
-strings quotes are escaped (``\\"``), so no value can contain it."""
+"""Occurs exactly once in every statement record of the JSON-lines sink (f736e1d),
+wherever the field sits: inside JSON strings quotes are escaped (``\\"``), so no value
+can contain it."""
+STATEMENT_TYPE = ord("S")
+"""The first byte of a statement record's stored payload in the store
+(scalple/records.py ``encode_record``); session records start with ``E``."""
+_FRAME_LENGTH = struct.Struct("<I")  # a store frame: u32 length | payload | 32-byte hash
+JSONL_COMMIT = "f736e1d"  # the last commit whose audit log was the JSON-lines file
+JSONL_FILE = "audit.jsonl"
+DEFAULT_JSONL_TREE = Path("/tmp/scalple-jsonl")
+STORE_WORKLOADS = ("c16_simple", "c1_simple")
 
 
 # --------------------------------------------------------------------------- model
@@ -446,16 +465,59 @@ class AuditCounter:
     """Counts the statement records a proxy appended since the previous call.
 
     Reads only what is new (the log grows by gigabytes over a benchmark), in chunks,
-    and counts complete lines only, so a record being written is counted next time.
+    and counts whole records only, so a record being written is counted next time.
+    Subclasses know one log format each.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
+    def __init__(self) -> None:
         self.total = 0
         self.total_transactions = 0
         self.run_seconds = 0.0
         self.last_record_at = 0.0  # time.monotonic() when new records were last seen
+
+    def _count_new(self) -> int:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        """Bytes of the log so far."""
+        raise NotImplementedError
+
+    def collect(self, expected: int, timeout: float = 30.0, quiet: float = 5.0) -> int:
+        """New records, waiting (bounded) for the proxy's writer to catch up.
+
+        Stop waiting once ``expected`` records arrived (the usual case: records may
+        exceed pgbench's count, never fall short) or nothing new appeared for ``quiet``
+        seconds.  Records do not arrive evenly: when the audit worker falls behind, the
+        proxy hands it everything queued meanwhile as one batch, written with one write
+        once the whole batch is built (at 16 clients tens of thousands of records,
+        seconds later), so a short quiet time would charge them to the next run and
+        let the worker's catching up slow that run down.
+        """
+        got = self._count_new()
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while got < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            new = self._count_new()
+            got += new
+            if new:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > quiet:
+                break
+        self.total += got
+        return got
+
+
+class JsonlCounter(AuditCounter):
+    """The JSON-lines sink's ``audit.jsonl`` (commit f736e1d): one line per record."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.offset = 0
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
 
     def _count_new(self) -> int:
         try:
@@ -476,25 +538,84 @@ class AuditCounter:
                     fh.seek(self.offset)
         return count
 
-    def collect(self, expected: int, timeout: float = 10.0) -> int:
-        """New records, waiting (bounded) for the proxy's writer thread to catch up.
 
-        The writer flushes every few milliseconds; stop waiting once ``expected`` records
-        arrived or nothing new appeared for 0.5 s.
-        """
-        got = self._count_new()
-        deadline = time.monotonic() + timeout
-        quiet_since = time.monotonic()
-        while got < expected and time.monotonic() < deadline:
-            time.sleep(0.05)
-            new = self._count_new()
-            got += new
-            if new:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > 0.5:
-                break
-        self.total += got
-        return got
+class StoreCounter(AuditCounter):
+    """The store's segments under a proxy's log directory (every origin in it).
+
+    Counts frames whose payload is a statement record, from each frame's length and
+    type byte: nothing is decoded or re-hashed (``scalple verify`` checks hashes; this
+    only checks that every statement has its record).  A frame still being written
+    (its length points past the end of the file) is counted next time.  Sealed
+    segments are finished before the next one exists, so only the newest segment
+    seen, and any after it, are read again.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__()
+        self.log_dir = log_dir
+        self.offsets: dict[Path, int] = {}  # segment -> offset after its last counted frame
+        self.newest: dict[Path, int] = {}  # origin directory -> newest segment number seen
+
+    def size(self) -> int:
+        return sum(
+            path.stat().st_size
+            for directory in layout.origin_dirs(self.log_dir)
+            for path in directory.glob("*.seg")
+        )
+
+    def _count_new(self) -> int:
+        count = 0
+        for directory in layout.origin_dirs(self.log_dir):
+            numbers = [
+                n for n in layout.segment_numbers(directory) if n >= self.newest.get(directory, 0)
+            ]
+            for number in numbers:
+                count += self._count_segment(layout.segment_path(directory, number))
+            if numbers:
+                self.newest[directory] = numbers[-1]
+        return count
+
+    def _count_segment(self, path: Path) -> int:
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:
+            return 0
+        count = 0
+        with fh:
+            offset = self.offsets.get(path)
+            if offset is None:
+                try:
+                    _, offset = read_header(fh.read(1 << 16), path)
+                except SegmentError:
+                    return 0  # the header is still being written
+            fh.seek(offset)
+            while chunk := fh.read(8 << 20):
+                used, found = _statement_frames(chunk)
+                if used == 0:  # a frame being written (records are far below 8 MB)
+                    break
+                count += found
+                offset += used
+                self.last_record_at = time.monotonic()
+                if used < len(chunk):
+                    fh.seek(offset)
+            self.offsets[path] = offset
+        return count
+
+
+def _statement_frames(data: bytes) -> tuple[int, int]:
+    """(bytes of the whole frames at the start of ``data``, statement records among them)."""
+    unpack = _FRAME_LENGTH.unpack_from
+    size = len(data)
+    offset = found = 0
+    while offset + _FRAME_LENGTH.size < size:
+        (length,) = unpack(data, offset)
+        end = offset + FRAME_OVERHEAD + length
+        if end > size:
+            break
+        if data[offset + _FRAME_LENGTH.size] == STATEMENT_TYPE:
+            found += 1
+        offset = end
+    return offset, found
 
 
 # --------------------------------------------------------------------------- environment
@@ -511,19 +632,101 @@ class _BouncerUpstream:
 
 @dataclass
 class Environment:
-    """All processes the benchmark owns; cleaned up by the ExitStack in ``main``."""
+    """All processes the benchmark owns; cleaned up by the ExitStack in ``main``.
+
+    The PgBouncers are None with ``--store`` (every target goes straight to PostgreSQL).
+    """
 
     cluster: PostgresCluster
-    bouncer: PgBouncer
-    session_bouncer: PgBouncer
-    front_bouncer: PgBouncer
+    bouncer: PgBouncer | None
+    session_bouncer: PgBouncer | None
+    front_bouncer: PgBouncer | None
     targets: dict[str, Target]
     counters: dict[str, AuditCounter]
+    store: bool = False
+
+
+class TreeScalpleServer(ScalpleServer):
+    """``scalple serve`` run from another source tree (an older commit's git worktree).
+
+    The same Python and venv, with the tree first on the module path (its working
+    directory and PYTHONPATH), so that the proxy and its audit worker (a spawned
+    process, which inherits both) import that tree's ``scalple`` instead of this one.
+    """
+
+    def __init__(
+        self, tree: Path, upstream: str, *, config: dict[str, dict[str, object]] | None = None
+    ) -> None:
+        super().__init__(upstream, config=config)
+        self.tree = tree
+
+    def start(self, timeout: float = 15.0) -> None:
+        stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
+        path = os.pathsep.join(filter(None, (str(self.tree), os.environ.get("PYTHONPATH"))))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "scalple", "serve", "--config", str(self.config_path)],
+            cwd=self.tree,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )
+        stderr.close()
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if b"listening on" not in line:
+            self.process.wait(timeout)
+            raise RuntimeError(
+                f"scalple ({self.tree}) did not start (exit {self.process.returncode}):\n"
+                f"{self.stderr()}"
+            )
+
+
+def ensure_jsonl_tree(tree: Path) -> str:
+    """A git worktree of the JSON-lines commit at ``tree``, its Cython extension built.
+
+    Created when missing (``git worktree add --detach``); refused when it holds another
+    commit.  The extension is built in place with this Python, so its ABI matches.
+    Returns the commit's short hash.
+    """
+    repo = Path(scalple.__file__).resolve().parent.parent
+
+    def git(*argv: str, cwd: Path = repo) -> str:
+        return subprocess.run(
+            ["git", "-C", str(cwd), *argv], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    expected = git("rev-parse", f"{JSONL_COMMIT}^{{commit}}")
+    if not (tree / ".git").exists():
+        progress(f"git worktree add --detach {tree} {JSONL_COMMIT}")
+        git("worktree", "add", "--detach", str(tree), expected)
+    head = git("rev-parse", "HEAD", cwd=tree)
+    if head != expected:
+        raise RuntimeError(
+            f"{tree} is at {head[:7]}, not {JSONL_COMMIT}: pass another --jsonl-tree, or "
+            f"remove it (git worktree remove {tree})"
+        )
+    source = tree / "scalple" / "_wire.pyx"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    built = tree / "scalple" / f"_wire{suffix}"
+    if not built.exists() or built.stat().st_mtime < source.stat().st_mtime:
+        progress(f"building {JSONL_COMMIT}'s Cython extension in {tree}...")
+        build = subprocess.run(
+            [sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if build.returncode != 0 or not built.exists():
+            raise RuntimeError(f"building {built} failed:\n{build.stderr.strip()[-1500:]}")
+    return head[:7]
 
 
 def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> Environment:
     """PostgreSQL, pgbench -i, three PgBouncers (transaction, session, one in front of the
-    transaction pool for calibration) and three Scalple proxies.
+    transaction pool for calibration) and four Scalple proxies; with ``--store`` only
+    PostgreSQL and the three audit-log proxies (see ``start_store_proxies``).
 
     Every process is registered for cleanup *before* it is started, so a failure
     half-way leaves nothing behind.  TLS is off everywhere so that no target pays for
@@ -552,6 +755,8 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
     )
     if init.returncode != 0:
         raise RuntimeError(f"pgbench -i failed (exit {init.returncode}):\n{init.stderr.strip()}")
+    if args.store:
+        return start_store_proxies(stack, args, cluster)
 
     progress(f"starting PgBouncer (transaction and session pools, pool size {POOL_SIZE})...")
     bouncer = PgBouncer(cluster, pool_mode="transaction", default_pool_size=POOL_SIZE)
@@ -604,7 +809,7 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
         assert proxy.process is not None
         progress(
             f"    Scalple on port {proxy.port} (pid {proxy.process.pid}) -> {upstream.port}, "
-            f"audit log {proxy.audit_path}"
+            f"audit log in {proxy.log_dir}"
         )
 
     prepared_16 = frozenset({"c16_prepared"})
@@ -680,10 +885,71 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
             proxy_pid=_pid_of(proxies["scalple_pg"]),
         ),
     ]
-    counters = {t.key: AuditCounter(t.proxy.audit_path) for t in targets if t.proxy is not None}
+    counters: dict[str, AuditCounter] = {
+        t.key: StoreCounter(t.proxy.log_dir) for t in targets if t.proxy is not None
+    }
     return Environment(
         cluster, bouncer, session_bouncer, front_bouncer, {t.key: t for t in targets}, counters
     )
+
+
+def start_store_proxies(
+    stack: contextlib.ExitStack, args: argparse.Namespace, cluster: PostgresCluster
+) -> Environment:
+    """Three Scalple proxies straight to PostgreSQL (so PgBouncer's own limits mask
+    nothing), the same but for the audit log: the JSON-lines sink of commit f736e1d
+    (from a git worktree), the store with ``durability = "async"``, the store with
+    ``durability = "strict"``.  All logs are on the same file system (the temporary
+    directory); PostgreSQL keeps fsync=off, so only the audit logs fsync.
+    """
+    commit = ensure_jsonl_tree(args.jsonl_tree)
+    progress("starting Scalple proxies -> PostgreSQL (JSON-lines sink, store async, strict)...")
+    proxy_config = scalple_config(stack)
+    for table, values in args.scalple_set.items():
+        proxy_config.setdefault(table, {}).update(values)
+
+    def with_durability(mode: str) -> dict[str, dict[str, object]]:
+        return {**proxy_config, "log": {**proxy_config.get("log", {}), "durability": mode}}
+
+    upstream = f"{cluster.host}:{cluster.port}"
+    proxies: dict[str, ScalpleServer] = {}
+    for key, proxy in (
+        ("jsonl", TreeScalpleServer(args.jsonl_tree, upstream, config=proxy_config)),
+        ("store_async", ScalpleServer(upstream, config=with_durability("async"))),
+        ("store_strict", ScalpleServer(upstream, config=with_durability("strict"))),
+    ):
+        stack.callback(proxy.cleanup)
+        proxy.start()
+        proxies[key] = proxy
+        assert proxy.process is not None
+        progress(
+            f"    {key}: Scalple on port {proxy.port} (pid {proxy.process.pid}) -> "
+            f"{cluster.port}, audit log in {proxy.log_dir}"
+        )
+    labels = {
+        "jsonl": (f"S->PG, JSON-lines ({commit})", "jsonl", None),
+        "store_async": ("S->PG, store async", "async", "jsonl"),
+        "store_strict": ("S->PG, store strict", "strict", "store_async"),
+    }
+    targets = {
+        key: Target(
+            key,
+            label,
+            proxies[key].host,
+            proxies[key].port,
+            short,
+            reference,
+            proxies[key],
+            proxy_pid=_pid_of(proxies[key]),
+        )
+        for key, (label, short, reference) in labels.items()
+    }
+    counters: dict[str, AuditCounter] = {
+        "jsonl": JsonlCounter(proxies["jsonl"].log_dir / JSONL_FILE),
+        "store_async": StoreCounter(proxies["store_async"].log_dir),
+        "store_strict": StoreCounter(proxies["store_strict"].log_dir),
+    }
+    return Environment(cluster, None, None, None, targets, counters, store=True)
 
 
 def scalple_config(stack: contextlib.ExitStack) -> dict[str, dict[str, object]]:
@@ -716,9 +982,12 @@ def _pid_of(proxy: ScalpleServer) -> Callable[[], int]:
     return pid
 
 
-def targets_for(workload: Workload) -> list[str]:
+def targets_for(workload: Workload, store: bool = False) -> list[str]:
     """Session-pool targets only where the transaction pool cannot serve the workload; the
-    PgBouncer->PgBouncer calibration only for the 16-client simple run (time budget)."""
+    PgBouncer->PgBouncer calibration only for the 16-client simple run (time budget).
+    With ``--store``: the three audit logs, the same for every workload."""
+    if store:
+        return ["jsonl", "store_async", "store_strict"]
     if workload.key == "c16_prepared":
         return ["pg", "pgb", "scalple_pgb", "pgb_session", "scalple_pgb_session", "scalple_pg"]
     if workload.key == "c16_simple":
@@ -743,6 +1012,10 @@ def warm_up(env: Environment, pgbench: Path, log_dir: Path) -> None:
         )
         if not run.ok:
             raise RuntimeError(f"warm-up against {target.label} failed: {run.error}")
+        if isinstance(counter, JsonlCounter) and not counter.path.exists():
+            # f736e1d writes audit.jsonl; today's tree never does: this is the proof
+            # that the proxy really ran the worktree's code.
+            raise RuntimeError(f"{target.label} wrote no {counter.path}: not the JSON-lines sink")
         if counter is not None:  # the warm-up does not count towards the audit check
             counter.total = counter.total_transactions = 0
             counter.run_seconds = 0.0
@@ -763,7 +1036,7 @@ def measure(env: Environment, pgbench: Path, args: argparse.Namespace, workdir: 
         (r, w, env.targets[t])
         for r in range(1, args.rounds + 1)
         for w in workloads
-        for t in targets_for(w)
+        for t in targets_for(w, env.store)
     ]
     runs: list[Run] = []
     skip: set[tuple[str, str]] = set()
@@ -832,7 +1105,7 @@ def summarize(env: Environment, runs: list[Run], args: argparse.Namespace) -> li
     for run in runs:
         by_pair.setdefault((run.workload, run.target), []).append(run)
     for wkey in args.workloads:
-        for tkey in targets_for(WORKLOADS[wkey]):
+        for tkey in targets_for(WORKLOADS[wkey], env.store):
             pair_runs = by_pair.get((wkey, tkey), [])
             if not pair_runs:
                 continue
@@ -951,6 +1224,32 @@ def checks(rows: list[Row]) -> list[Check]:
             else ""
         )
         add("Scalple->PostgreSQL >= 0.95x PgBouncer", wkey, "scalple_pg", ref, 0.95, note)
+    for wkey in WORKLOADS:  # --store: the store's issue; strict has no target, only figures
+        add("store async >= 0.95x JSON-lines sink", wkey, "store_async", "jsonl", 0.95)
+    return out
+
+
+def store_summary(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per workload of a ``--store`` run: the two ratios and each log's latency."""
+    index = {(r.workload, r.target): r for r in rows}
+    out = []
+    for wkey in WORKLOADS:
+        jsonl, store_async, strict = (
+            index.get((wkey, key)) for key in ("jsonl", "store_async", "store_strict")
+        )
+        if jsonl is None or store_async is None or strict is None:
+            continue
+        out.append(
+            {
+                "workload": wkey,
+                "async_vs_jsonl": store_async.ratio,
+                "strict_vs_async": strict.ratio,
+                "tps": {r.target: r.tps_median for r in (jsonl, store_async, strict)},
+                "mean_ms": {r.target: r.mean_ms for r in (jsonl, store_async, strict)},
+                "p99_ms": {r.target: r.p99_ms for r in (jsonl, store_async, strict)},
+                "proxy_cpu_us": {r.target: r.proxy_cpu_us for r in (jsonl, store_async, strict)},
+            }
+        )
     return out
 
 
@@ -959,7 +1258,7 @@ def audit_summary(env: Environment, runs: list[Run], duration: int) -> list[dict
     out = []
     for key, counter in env.counters.items():
         proxy_runs = [r for r in runs if r.target == key and r.audit_records is not None]
-        size = counter.path.stat().st_size if counter.path.exists() else 0
+        size = counter.size()
         out.append(
             {
                 "target": key,
@@ -1033,17 +1332,28 @@ def print_report(
         for key, value in values.items()
     )
     emit(f"scalple {info['scalple']}, audit log on" + (f", {extra}" if extra else ""))
-    emit(
-        f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
-        f"PgBouncer pools of {POOL_SIZE}"
-    )
+    if env.store:
+        emit(f"JSON-lines sink: scalple at {JSONL_COMMIT}, from the worktree {args.jsonl_tree}")
+        emit(
+            f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
+            "every proxy straight to PostgreSQL"
+        )
+    else:
+        emit(
+            f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
+            f"PgBouncer pools of {POOL_SIZE}"
+        )
     emit("")
     emit("TPS: median over rounds; spread: (max-min)/median; mean, p99: medians of per-run")
     emit("values from pgbench --log; us/tx: CPU (user+sys) of the proxy in front of the server")
     emit("(its process and child processes) per transaction; ratio: median of same-round TPS")
     emit("ratios vs the `vs` row.")
-    emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool;")
-    emit("PgBouncer->PgBouncer is a calibration: one more hop as cheap as PgBouncer itself.")
+    if env.store:
+        emit("S->PG = Scalple -> PostgreSQL; jsonl = its audit log as the JSON-lines file of")
+        emit(f"{JSONL_COMMIT}; async, strict = the store with [log] durability = async, strict.")
+    else:
+        emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool;")
+        emit("PgBouncer->PgBouncer is a calibration: one more hop as cheap as PgBouncer itself.")
     emit("")
     emit(
         f"{'workload':<15} {'target':<27} {'TPS':>8} {'spread':>6} {'mean ms':>7} "
@@ -1079,6 +1389,19 @@ def print_report(
             f"{shorts[check.target]:<9} {_num(check.ratio, '.2f'):>5} vs {shorts[check.reference]}"
         )
         lines.extend(f"         ({piece})" for piece in _wrap(check.note, 88) if check.note)
+    if env.store:
+        emit("")
+        emit("store vs JSON-lines sink: medians of same-round TPS ratios (target: async/jsonl")
+        emit(">= 0.95; strict has none), mean latency in ms of jsonl / async / strict:")
+        for item in store_summary(rows):
+            mean = item["mean_ms"]
+            emit(
+                f"  {WORKLOADS[item['workload']].label:<15} "
+                f"async/jsonl {_num(item['async_vs_jsonl'], '.3f')}, "
+                f"strict/async {_num(item['strict_vs_async'], '.3f')}; mean ms "
+                f"{_num(mean['jsonl'], '.3f')} / {_num(mean['store_async'], '.3f')} / "
+                f"{_num(mean['store_strict'], '.3f')}"
+            )
     emit("")
     emit("audit log check (Scalple must write a record for every statement; lag: the longest")
     emit("time after a run ended until its last record was in the log):")
@@ -1103,7 +1426,7 @@ def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
         print(f"profile: {profile['error']}", file=out)
         return
     print(
-        f"py-spy --native --subprocesses, Scalple->PgBouncer, -S c16 simple "
+        f"py-spy --native --subprocesses, {profile['target']}, -S c16 simple "
         f"({_num(profile['tps_under_profiler'], ',.0f')} tps under the profiler);",
         file=out,
     )
@@ -1124,14 +1447,15 @@ def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
 def profile_proxy(
     env: Environment, pgbench: Path, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
-    """Sample the Scalple->PgBouncer process with py-spy during an extra 16-client run.
+    """Sample the Scalple->PgBouncer process (``--store``: the store-async one) with py-spy
+    during an extra 16-client run.
 
     Not part of the measurement (py-spy steals CPU on a small machine); it tells where
     the relay spends its CPU.  ``--native`` so that time in uvloop/libuv and in system
     calls is not lumped into whichever Python frame called them; ``--subprocesses`` so
     that helper processes (the audit worker) are sampled too.
     """
-    target = env.targets["scalple_pgb"]
+    target = env.targets["store_async" if env.store else "scalple_pgb"]
     assert target.proxy is not None and target.proxy.process is not None
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).is_file():
@@ -1160,6 +1484,7 @@ def profile_proxy(
         return {"error": f"py-spy failed (exit {spy_proc.returncode}): {spy_err.strip()[-500:]}"}
     return {
         "file": str(raw),
+        "target": target.label,
         "tps_under_profiler": run.tps,
         "threads": top_functions(raw, rate * args.duration, target.proxy.process.pid),
     }
@@ -1250,8 +1575,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor; 10")
     parser.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all; with --store "
+        f"{','.join(STORE_WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="compare audit logs instead: Scalple->PostgreSQL with the JSON-lines sink of "
+        f"{JSONL_COMMIT}, the store in async and in strict durability",
+    )
+    parser.add_argument(
+        "--jsonl-tree",
+        type=Path,
+        default=DEFAULT_JSONL_TREE,
+        help=f"git worktree of {JSONL_COMMIT} for --store (created when missing; "
+        f"default {DEFAULT_JSONL_TREE})",
     )
     parser.add_argument(
         "--scalple-set",
@@ -1274,7 +1613,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for table, key, value in args.scalple_set:
         settings.setdefault(table, {})[key] = value
     args.scalple_set = settings
+    if args.workloads is None:
+        args.workloads = ",".join(STORE_WORKLOADS if args.store else WORKLOADS)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.jsonl_tree = args.jsonl_tree.resolve()
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
@@ -1293,7 +1635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pgbench = bindir / "pgbench"
     info = machine_info(bindir)
     info["load_start"] = load_average()
-    runs_per_round = sum(len(targets_for(WORKLOADS[w])) for w in args.workloads)
+    runs_per_round = sum(len(targets_for(WORKLOADS[w], args.store)) for w in args.workloads)
     progress(
         f"{runs_per_round} runs per round x {args.rounds} rounds x {args.duration} s: about "
         f"{fmt_duration(runs_per_round * args.rounds * (args.duration + 0.4) + 40)}"
@@ -1335,6 +1677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rounds": args.rounds,
                 "scale": args.scale,
                 "pool_size": POOL_SIZE,
+                "store": args.store,
+                "jsonl_tree": str(args.jsonl_tree) if args.store else None,
                 "scalple_settings": args.scalple_set,
                 "fsync": False,
                 "workloads": {k: asdict(WORKLOADS[k]) for k in args.workloads},
@@ -1342,6 +1686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "rows": [asdict(r) for r in rows],
             "checks": [asdict(c) for c in results],
+            "store": store_summary(rows) if env.store else None,
             "audit": audit,
             "runs": [asdict(r) for r in runs],
             "profile": profile,

@@ -471,7 +471,7 @@ cdef class MessageScanner:
                                                   self._pending.size),
                         self._seen > self._kept, self._seen, end))
             self._drop_values()
-        if True:
+        if self._type != 115:
             # PortalSuspended keeps the columns: the portal's next Execute
             # sends more rows without a new RowDescription.
             self._npos = 0

@@ -98,7 +98,8 @@ class ProxyCollector(Collector):
         )
         yield GaugeMetricFamily(
             "scalple_audit_unsynced_records",
-            "Records written but not yet fsynced: lost on power failure (async durability).",
+            "Records written but not yet fsynced (async durability); with events_pending, "
+            "what a power failure would lose.",
             value=sink.unsynced,
         )
         yield GaugeMetricFamily(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -85,7 +86,13 @@ class Started(msgspec.Struct, array_like=True):
 
 
 class _Loop:
-    """Receive, store, fsync, acknowledge; sign and seal when due."""
+    """Receive, store, acknowledge; sign and seal when due.
+
+    fsync runs on a thread of its own (``_Syncer``): while it makes one group
+    durable the loop already receives, enriches and writes the next, which
+    is what makes group commit pay in strict mode, and keeps async mode's
+    fsync every ``sync_interval`` however busy the loop is.
+    """
 
     def __init__(
         self, writer: RecordWriter, batches: Connection, acks: Connection, config: Config
@@ -94,49 +101,44 @@ class _Loop:
         self.batches = batches
         self.acks = acks
         self.strict = config.log.durability == "strict"
-        self.sync_interval = config.log.sync_interval
         self.tick_interval = min(config.log.checkpoint_interval, 0.5)
-        self.synced_at = time.monotonic()
+        self._send_lock = threading.Lock()  # the loop and the syncer both send
+        self.syncer = _Syncer(self, config.log.sync_interval)
 
     def send(self, batches: int, events: int, counts: dict[str, int]) -> None:
         writer = self.writer
-        self.acks.send(
-            Ack(
-                batches,
-                events,
-                counts,
-                writer.failed_writes,
-                writer.lost,
-                writer.failing,
-                writer.store.unsynced,
-            )
+        ack = Ack(
+            batches,
+            events,
+            counts,
+            writer.failed_writes,
+            writer.lost,
+            writer.failing,
+            writer.store.unsynced,
         )
+        with self._send_lock:
+            self.acks.send(ack)
 
     def on_failing(self, reason: str | None) -> None:
         self.send(0, 0, {})
 
     def run(self) -> None:
         writer = self.writer
+        self.syncer.start()
         try:
             while True:
-                timeout = self.tick_interval
-                if writer.store.unsynced:
-                    timeout = max(0.0, self.synced_at + self.sync_interval - time.monotonic())
-                if not self.batches.poll(timeout):
-                    self.idle()
+                if not self.batches.poll(self.tick_interval):
+                    writer.store.tick(time.time_ns())
                     continue
                 group = self.receive()
                 if group is None:
                     break
                 self.store(group)
-                if writer.store.unsynced and (
-                    time.monotonic() - self.synced_at >= self.sync_interval
-                ):
-                    self.sync()
                 writer.store.tick(time.time_ns())
         except EOFError:
             pass  # the proxy is gone; what was received is stored
         finally:
+            self.syncer.stop()
             writer.close()
             self.acks.close()
 
@@ -163,22 +165,77 @@ class _Loop:
                 batch, resent = item, False
             counts = writer.write(batch, self.on_failing, resent=resent)
             done.append((len(batch), counts))
-        if self.strict:
-            self.sync()
         events = sum(n for n, _ in done)
         totals: dict[str, int] = {}
         for _, part in done:
             for status, count in part.items():
                 totals[status] = totals.get(status, 0) + count
-        self.send(len(done), events, totals)
+        if self.strict:
+            self.syncer.durable_then_ack(len(done), events, totals)
+        else:
+            self.send(len(done), events, totals)
+            self.syncer.wake()
 
-    def sync(self) -> None:
-        self.writer.sync(self.on_failing)
-        self.synced_at = time.monotonic()
 
-    def idle(self) -> None:
-        writer = self.writer
-        if writer.store.unsynced:
-            self.sync()
-            self.send(0, 0, {})  # the loss window closed: tell the metrics
-        writer.store.tick(time.time_ns())
+class _Syncer(threading.Thread):
+    """Makes written records durable and, in strict mode, acknowledges them.
+
+    Strict: every group the loop wrote is queued here; one fdatasync covers
+    all groups queued when it starts, then one acknowledgement releases
+    them.  Async: an fdatasync at most ``interval`` after a write.
+    """
+
+    def __init__(self, loop: _Loop, interval: float) -> None:
+        super().__init__(name="scalple-syncer", daemon=True)
+        self._loop = loop
+        self._interval = interval
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int, dict[str, int]]] = []
+        self._stopping = False
+        self._synced_at = time.monotonic()
+
+    def durable_then_ack(self, batches: int, events: int, counts: dict[str, int]) -> None:
+        with self._cond:
+            self._waiting.append((batches, events, counts))
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.join()
+
+    def run(self) -> None:
+        loop = self._loop
+        store = loop.writer.store
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    if not store.unsynced:
+                        self._cond.wait()
+                        continue
+                    # Async: writes gather until an interval after the last sync.
+                    left = self._synced_at + self._interval - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                waiting, self._waiting = self._waiting, []
+                stopping = self._stopping
+            loop.writer.sync(loop.on_failing)
+            self._synced_at = time.monotonic()
+            if waiting:
+                totals: dict[str, int] = {}
+                for _, _, counts in waiting:
+                    for status, count in counts.items():
+                        totals[status] = totals.get(status, 0) + count
+                loop.send(sum(w[0] for w in waiting), sum(w[1] for w in waiting), totals)
+            elif not store.unsynced:
+                loop.send(0, 0, {})  # the loss window closed: tell the metrics
+            if stopping:
+                with self._cond:
+                    if not self._waiting:
+                        return

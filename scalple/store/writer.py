@@ -17,8 +17,10 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -90,13 +92,16 @@ def _key_name(origin: str) -> str:
 class _Segment:
     """The open, newest segment of the origin."""
 
-    def __init__(self, number: int, path: Path, fd: int, header: SegmentHeader, end: int) -> None:
+    def __init__(
+        self, number: int, path: Path, fd: int, header: SegmentHeader, end: int, digest: Any
+    ) -> None:
         self.number = number
         self.path = path
         self.fd = fd
         self.header = header
         self.end = end  # offset after the last whole frame
         self.created_ns = header.created_ns
+        self.digest = digest  # blake3 of the file's bytes up to ``end`` (the catalog's)
 
 
 class StoreWriter:
@@ -132,6 +137,7 @@ class StoreWriter:
         self.checkpoint_failures = 0
         self.mirror_failures = 0
         self._catalog: Catalog | None = None
+        self._io_lock = threading.Lock()
         try:
             self._recover()
         except BaseException:
@@ -188,6 +194,7 @@ class StoreWriter:
             self._cut_back(segment, segment.end)
             raise StoreError(f"cannot write {segment.path.name}: {_reason(exc)}") from None
         segment.end += len(data)
+        segment.digest.update(data)
         self._seq = seq
         extend = self._range.append
         add = self._index.add
@@ -197,16 +204,25 @@ class StoreWriter:
             record.log_id = "immutable-" + digest.hex()[:16]
 
     def sync(self) -> None:
-        """Make everything written durable (fdatasync of the segment)."""
-        segment = self._segment
-        if self._synced_end == segment.end and self._synced_size == self._range.size:
-            return
-        try:
-            os.fdatasync(segment.fd)
-        except OSError as exc:
-            raise StoreError(f"cannot fsync {segment.path.name}: {_reason(exc)}") from None
-        self._synced_end = segment.end
-        self._synced_size = self._range.size
+        """Make everything written durable (fdatasync of the segment).
+
+        May run on another thread than ``append`` (the worker's syncer, so
+        that writing the next group overlaps this fsync): what was written
+        when it starts is what it marks durable, and a seal waits for it
+        before closing the segment.
+        """
+        with self._io_lock:
+            segment = self._segment
+            end, size = segment.end, self._range.size  # append moves end first
+            if self._synced_end >= end and self._synced_size >= size:
+                return
+            try:
+                os.fdatasync(segment.fd)
+            except OSError as exc:
+                raise StoreError(f"cannot fsync {segment.path.name}: {_reason(exc)}") from None
+            if segment is self._segment:  # a seal meanwhile synced and replaced it
+                self._synced_end = max(self._synced_end, end)
+                self._synced_size = max(self._synced_size, size)
 
     # -- timed work --------------------------------------------------------
 
@@ -279,7 +295,7 @@ class StoreWriter:
         index_file = layout.index_path(self.dir, segment.number)
         try:
             _replace_file(index_file, index_bytes)
-            digest = _file_digest(segment.path)
+            digest = segment.digest.hexdigest()  # kept as written: no second read
             catalog = self._open_catalog()
             built = self._index
             catalog.add(
@@ -302,7 +318,8 @@ class StoreWriter:
             raise
         except Exception as exc:  # OSError, sqlite3.Error
             raise StoreError(f"cannot seal {segment.path.name}: {_reason(exc)}") from None
-        os.close(segment.fd)
+        with self._io_lock:  # a sync on another thread may be using the old one
+            os.close(segment.fd)
         self._apply_retention()
 
     def _open_segment(self, number: int) -> None:
@@ -343,7 +360,8 @@ class StoreWriter:
             with contextlib.suppress(OSError):
                 building.unlink()
             raise
-        self._segment = _Segment(number, path, fd, header, end)
+        digest = blake3.blake3(os.pread(fd, end, 0))
+        self._segment = _Segment(number, path, fd, header, end, digest)
         self._synced_end = end
         self._index = IndexBuilder(self.origin, number, header.first_index)
 
@@ -519,7 +537,7 @@ class StoreWriter:
                 tree.size,
                 path.name,
             )
-        self._segment = _Segment(number, path, fd, header, end)
+        self._segment = _Segment(number, path, fd, header, end, blake3.blake3(data[:end]))
         self._range = tree
         self._index = index
         self._synced_end = end
@@ -637,14 +655,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _file_digest(path: Path) -> str:
-    hasher = blake3.blake3()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _header_cut_short(data: bytes) -> bool:

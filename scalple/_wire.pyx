@@ -23,6 +23,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport int16_t, int32_t, uint32_t
 from libc.string cimport memchr, memcpy, memset
 
+from collections import deque as _deque
 from operator import index as _index
 
 __all__ = (
@@ -95,6 +96,15 @@ cdef enum:
     ROWDESC_LIMIT = 1 << 20
     # Side buffers that grew past this are freed when emptied, not kept.
     KEEP_CAPACITY = 1 << 16
+    # Result shapes queued by push_row_description / push_ready_marker: past
+    # this many the queue is dropped and only counted (see there), so a
+    # client that pipelines without end cannot make it grow.
+    SHAPES_LIMIT = 4096
+
+
+cdef object _READY = object()
+"""The queue entry of push_ready_marker (a Bind's is its description, bytes
+or None, or the tuple of its description and its body)."""
 
 
 cdef struct ByteBuffer:
@@ -142,6 +152,43 @@ cdef struct SubjectField:
     uint32_t type_oid
     unsigned char kind    # the caller's subject-kind index
     unsigned char format  # 0 text, 1 binary
+
+
+cdef Py_ssize_t _bind_result_codes(const unsigned char *p, Py_ssize_t n,
+                                   int *count) noexcept nogil:
+    """Offset of the result-column format codes in the Bind body ``p[:n]``,
+    their number in ``count``; -1 if the body is cut short or malformed."""
+    cdef const void *nul
+    cdef Py_ssize_t i = 0
+    cdef int k, nparams
+    cdef int32_t length
+    for k in range(2):   # portal and statement names
+        if i >= n:
+            return -1
+        nul = memchr(p + i, 0, n - i)
+        if nul == NULL:
+            return -1
+        i = <const unsigned char *>nul - p + 1
+    if n - i < 2 or _be16(p + i) < 0 or n - i - 2 < 2 * _be16(p + i):
+        return -1
+    i += 2 + 2 * _be16(p + i)   # parameter format codes
+    if n - i < 2 or _be16(p + i) < 0:
+        return -1
+    nparams = _be16(p + i)
+    i += 2
+    for k in range(nparams):
+        if n - i < 4:
+            return -1
+        length = <int32_t>_be32(p + i)
+        i += 4
+        if length < -1 or n - i < length:
+            return -1
+        if length > 0:
+            i += length
+    if n - i < 2 or _be16(p + i) < 0 or n - i - 2 != 2 * _be16(p + i):
+        return -1
+    count[0] = _be16(p + i)
+    return i + 2
 
 
 # What the side reader does with the message whose body is still streaming.
@@ -195,7 +242,7 @@ cdef class MessageScanner:
 
     With :meth:`set_row_subjects` the scanner also reads data-subject values
     out of result rows; they are reported as one extra ``SUBJECT_VALUES``
-    entry just before the completion that ends them.
+    entry just before the completion that ends them (see there).
     """
 
     cdef:
@@ -243,6 +290,18 @@ cdef class MessageScanner:
         Py_ssize_t _row_mark          # _pending.size, _kept and _seen before the row,
         Py_ssize_t _row_kept          # to take a malformed row's values back
         Py_ssize_t _row_seen
+        # The shapes of results to come (push_row_description), for the
+        # results that start at a BindComplete with no RowDescription.
+        # None while extraction is off.
+        object _shapes                # deque: per Bind bytes / None / (bytes, bind); _READY
+        Py_ssize_t _shape_markers     # _READY entries in _shapes
+        # Entries dropped when _shapes overflowed, only counted: _gap_markers
+        # ready markers, then _gap_binds Binds after the last of them.  They
+        # come before everything in _shapes; while _gap_blind, pushes are
+        # counted here too instead of being queued.
+        Py_ssize_t _gap_markers
+        Py_ssize_t _gap_binds
+        bint _gap_blind
 
     def __cinit__(self):
         self._header_len = 0
@@ -272,6 +331,11 @@ cdef class MessageScanner:
         self._rowdesc.cap = 0
         self._kept = 0
         self._seen = 0
+        self._shapes = None
+        self._shape_markers = 0
+        self._gap_markers = 0
+        self._gap_binds = 0
+        self._gap_blind = False
 
     def __dealloc__(self):
         PyMem_Free(self._tables)
@@ -355,6 +419,26 @@ cdef class MessageScanner:
         time is safe: the result being read keeps the columns it was
         described with until it ends.  Raises TypeError or ValueError (and
         changes nothing) on a malformed mapping.
+
+        At each CommandComplete, PortalSuspended, ErrorResponse or
+        EmptyQueryResponse after which values were seen, :meth:`feed` puts
+        ``(SUBJECT_VALUES, packed, truncated, seen, end)`` just before that
+        completion's own entry, with the completion's ``end``: ``packed``
+        holds each kept value as ``u8 kind | u8 format | u32 type OID (LE) |
+        u32 length (LE) | value`` (see :func:`unpack_row_values`), ``seen``
+        counts every non-NULL subject value and ``truncated`` says some were
+        not kept.  A RowDescription or DataRow that is not what it should be
+        stops the reading for the rest of that result (the row's own values
+        are given back); it never raises, the relay forwards it regardless.
+        Columns stay known across PortalSuspended, and are forgotten at the
+        other completions, at BindComplete and at ReadyForQuery.
+
+        A result that starts at a BindComplete is described by what
+        :meth:`push_row_description` queued for its Bind; turning extraction
+        off empties that queue and turning it on starts with an empty one.
+        Turn it on when no request is in flight, as at the first
+        ReadyForQuery: the Binds and Syncs a client pipelined before are not
+        queued, so their answers would take the entries of later ones.
         """
         cdef dict clean
         cdef list tables
@@ -389,7 +473,158 @@ cdef class MessageScanner:
         self._ntables = len(tables)
         self._columns = clean
         self._next_limit = limit
+        if clean is None:
+            self._shapes = None
+            self._shape_markers = 0
+            self._gap_markers = 0
+            self._gap_binds = 0
+            self._gap_blind = False
+        elif self._shapes is None:
+            self._shapes = _deque()
         self._update_side()
+
+    @property
+    def queued(self):
+        """Entries :meth:`push_row_description` and :meth:`push_ready_marker`
+        queued that the server has not answered yet (always 0 while
+        extraction is off, or while an overflow is being waited out)."""
+        return len(self._shapes) if self._shapes is not None else 0
+
+    def push_row_description(self, bytes body, bytes bind=None):
+        """The client just sent a Bind: queue the shape of the result it opens.
+
+        ``body`` is the RowDescription body (no type byte, no length) of the
+        bound statement, as its Describe answered, or None when unknown or
+        when the statement returns no rows.  ``bind`` is that Bind's body:
+        the result-column format codes at its end give each column's format,
+        which a statement's description does not know (it always says text).
+        Without ``bind`` the body's own format codes are used.
+
+        At the BindComplete that answers this Bind, the entry is taken off
+        the queue and read exactly as a RowDescription would be, with the
+        subject columns configured then; None leaves the result unwatched.
+        A RowDescription that arrives afterwards in the same result (after a
+        Describe of the portal) replaces it.  A ``bind`` that is cut short,
+        malformed or whose format codes do not fit the columns leaves the
+        result unwatched.  A BindComplete that finds no Bind entry at the
+        front (a ready marker, or nothing) takes nothing off and leaves its
+        result unwatched until a RowDescription.
+
+        Costs one test and queues nothing while extraction is off.  See
+        :meth:`push_ready_marker` for how the queue stays aligned and bounded.
+        """
+        if self._columns is None:
+            return
+        if self._gap_blind or not self._shapes_room():
+            self._gap_binds += 1
+        elif bind is None or body is None:
+            self._shapes.append(body)
+        else:
+            self._shapes.append((body, bind))
+
+    def push_ready_marker(self):
+        """The client just sent a message answered by one ReadyForQuery: a
+        Sync, a simple Query or a FunctionCall.
+
+        It is queued in order with the Bind entries.  At each ReadyForQuery
+        the entries up to and including the first marker are taken off: the
+        Binds the server skipped after an error, up to the Sync, go with it
+        (everything goes when no marker is queued).
+
+        At most 4096 entries are queued.  The push that would make it 4097
+        empties the queue instead: what it held, and what is pushed from
+        then on, is only counted (its markers, and the Binds after the last
+        of them), until as many ReadyForQuery as counted markers have come.
+        Meanwhile every BindComplete leaves its result unwatched; the queue
+        is then aligned again, whatever the client pipelined, and a client
+        that pipelines without end only ever costs two counters.
+
+        Costs one test and queues nothing while extraction is off.
+        """
+        if self._columns is None:
+            return
+        if self._gap_blind or not self._shapes_room():
+            self._gap_markers += 1
+            self._gap_binds = 0
+        else:
+            self._shapes.append(_READY)
+            self._shape_markers += 1
+
+    cdef bint _shapes_room(self) except -1:
+        """Whether one more entry may be queued; if not, the queue becomes counts."""
+        cdef object shapes = self._shapes
+        cdef Py_ssize_t trailing = 0
+        if len(shapes) < SHAPES_LIMIT:
+            return True
+        if self._shape_markers:
+            for entry in reversed(shapes):
+                if entry is _READY:
+                    break
+                trailing += 1
+            self._gap_binds = trailing   # earlier gap Binds go with the first marker
+        else:
+            self._gap_binds += len(shapes)
+        self._gap_markers += self._shape_markers
+        shapes.clear()
+        self._shape_markers = 0
+        self._gap_blind = True
+        return False
+
+    cdef int _shape_bound(self) except -1:
+        """A BindComplete: a new portal's result starts, described by the
+        front entry of the queue if that is a Bind's."""
+        cdef object shapes = self._shapes
+        cdef object entry
+        cdef object body
+        cdef bytes bind
+        cdef const unsigned char *codes = NULL
+        cdef int ncodes = -1
+        cdef Py_ssize_t at
+        self._npos = 0
+        if shapes is None:
+            return 0
+        if self._gap_markers or self._gap_binds:
+            if not self._gap_markers:
+                self._gap_binds -= 1
+            return 0
+        if not shapes or shapes[0] is _READY:
+            return 0   # misaligned: nothing is taken off
+        entry = shapes.popleft()
+        if type(entry) is tuple:
+            body = (<tuple>entry)[0]
+            bind = (<tuple>entry)[1]
+            at = _bind_result_codes(<const unsigned char *>PyBytes_AS_STRING(bind),
+                                    PyBytes_GET_SIZE(bind), &ncodes)
+            if at < 0:
+                return 0
+            codes = <const unsigned char *>PyBytes_AS_STRING(bind) + at
+        else:
+            body = entry
+        if body is None or PyBytes_GET_SIZE(body) > ROWDESC_LIMIT:
+            return 0
+        self._limit = self._next_limit
+        self._read_rowdesc(<const unsigned char *>PyBytes_AS_STRING(body),
+                           PyBytes_GET_SIZE(body), codes, ncodes)
+        return 0
+
+    cdef int _shape_ready(self) except -1:
+        """A ReadyForQuery: take off what it answered."""
+        cdef object shapes = self._shapes
+        if shapes is None:
+            return 0
+        if self._gap_markers:
+            self._gap_markers -= 1
+        else:
+            self._gap_binds = 0
+            if self._shape_markers:
+                while shapes.popleft() is not _READY:
+                    pass
+                self._shape_markers -= 1
+            else:
+                shapes.clear()
+        if not self._gap_markers:
+            self._gap_blind = False
+        return 0
 
     cdef inline void _update_side(self) noexcept:
         self._side_on = self._columns is not None or self._npos > 0 or self._seen > 0
@@ -421,7 +656,7 @@ cdef class MessageScanner:
             if self._columns is not None and n <= ROWDESC_LIMIT:
                 self._limit = self._next_limit
                 if whole:
-                    self._read_rowdesc(p, n)
+                    self._read_rowdesc(p, n, NULL, -1)
                 else:
                     self._rowdesc.size = 0
                     self._side_mode = SIDE_ROWDESC
@@ -430,11 +665,14 @@ cdef class MessageScanner:
                 out = self._complete(out, pos + n)
             else:
                 self._side_mode = SIDE_COMPLETION
+        elif mtype == 50:   # BindComplete: a new portal, with the shape queued for it
+            self._shape_bound()
         elif mtype == 90:   # ReadyForQuery
             # Every statement has ended; values no completion claimed (only a
             # broken server leaves any) would go to the wrong one: dropped.
             self._npos = 0
             self._drop_values()
+            self._shape_ready()
         self._update_side()
         return out
 
@@ -453,7 +691,7 @@ cdef class MessageScanner:
         if mode == SIDE_DATAROW:
             self._row_end()
         elif mode == SIDE_ROWDESC:
-            self._read_rowdesc(self._rowdesc.data, self._rowdesc.size)
+            self._read_rowdesc(self._rowdesc.data, self._rowdesc.size, NULL, -1)
             _buffer_clear(&self._rowdesc)
         elif mode == SIDE_COMPLETION:
             out = self._complete(out, end)
@@ -482,10 +720,16 @@ cdef class MessageScanner:
         self._kept = 0
         self._seen = 0
 
-    cdef int _read_rowdesc(self, const unsigned char *p, Py_ssize_t n) except -1:
+    cdef int _read_rowdesc(self, const unsigned char *p, Py_ssize_t n,
+                           const unsigned char *codes, int ncodes) except -1:
         """Find the subject columns of the result that RowDescription ``p[:n]``
         describes.  Anything malformed leaves the result unwatched: the
-        relay forwards it regardless, and a guess could misattribute data."""
+        relay forwards it regardless, and a guess could misattribute data.
+
+        With ``ncodes`` >= 0 the format of the columns comes from the
+        ``ncodes`` Int16 format codes at ``codes`` (a Bind's result formats:
+        none for all text, one for all columns, or one per column) instead
+        of the description's."""
         cdef Py_ssize_t i = 2
         cdef Py_ssize_t npos = 0
         cdef int nfields, f
@@ -499,7 +743,7 @@ cdef class MessageScanner:
         if n < 2 or columns is None:
             return 0
         nfields = _be16(p)
-        if nfields < 0:
+        if nfields < 0 or (ncodes > 1 and ncodes != nfields):
             return 0
         for f in range(nfields):
             if i >= n:
@@ -514,7 +758,12 @@ cdef class MessageScanner:
             if table != 0 and _has_table(self._tables, self._ntables, table):
                 kind = columns.get((table, _be16(p + i + 4)))
                 if kind is not None:
-                    fmt = _be16(p + i + 16)
+                    if ncodes < 0:
+                        fmt = _be16(p + i + 16)
+                    elif ncodes == 0:
+                        fmt = 0
+                    else:
+                        fmt = _be16(codes + (2 * f if ncodes > 1 else 0))
                     if fmt != 0 and fmt != 1:
                         return 0
                     if npos == self._nfields_cap:

@@ -89,6 +89,9 @@ class StatementEvent(msgspec.Struct, gc=False):
     in_transaction: the statement ran inside an explicit transaction block.
     identity: the person in force for this statement (comment, SET LOCAL,
         SET, startup or token; see scalple.identity.state).
+    row_values: the data-subject column values the backend scanner read
+        from the statement's result rows, packed (``unpack_row_values``).
+    row_values_seen, row_values_truncated: how many it saw; more than it kept.
     """
 
     session: SessionInfo
@@ -107,6 +110,9 @@ class StatementEvent(msgspec.Struct, gc=False):
     status: StatementStatus
     in_transaction: bool
     identity: Identity
+    row_values: bytes | None = None
+    row_values_seen: int = 0
+    row_values_truncated: bool = False
 
 
 class SessionClosed(msgspec.Struct, frozen=True, gc=False):

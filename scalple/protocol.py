@@ -12,6 +12,7 @@ from typing import Final
 
 __all__ = [
     "BACKEND_CAPTURE",
+    "BACKEND_CAPTURE_DESCRIBED",
     "BACKEND_COUNT",
     "FRONTEND_ALLOWED",
     "FRONTEND_CAPTURE",
@@ -71,8 +72,13 @@ B_PARAMETER_STATUS: Final = ord("S")  # ParameterStatus
 B_PARSE_COMPLETE: Final = ord("1")  # ParseComplete
 B_PORTAL_SUSPENDED: Final = ord("s")  # PortalSuspended
 B_READY_FOR_QUERY: Final = ord("Z")  # ReadyForQuery
+B_ROW_DESCRIPTION: Final = ord("T")  # RowDescription
+B_NO_DATA: Final = ord("n")  # NoData
 
 BACKEND_CAPTURE: Final = b"CEZsIVtG"
+# With [subjects]: statement descriptions too, so that results of prepared
+# statements (no RowDescription of their own) can be watched for subjects.
+BACKEND_CAPTURE_DESCRIBED: Final = BACKEND_CAPTURE + b"Tn"
 """Types that end a statement or a request: the tracker matches on these."""
 BACKEND_COUNT: Final = b"Dd"
 """Types counted per statement (result rows, COPY OUT rows)."""

@@ -211,3 +211,67 @@ def test_subject_tag_cli_finds_the_predicate_subject(masked_proxy: ScalpleServer
     assert "1001" not in first["query"] and tag_1001 in first["query"]
     assert second["subjects"] and second["subjects"] != [tag_1001]
     assert tag_1001 in third["subjects"] and third["subjects_count"] == 2
+
+
+def _tag(proxy: ScalpleServer, subject_id: str) -> str:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "scalple", "subject-tag"),
+            *("--config", str(proxy.config_path), "customer", subject_id),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_subjects_from_result_rows_text_and_binary(masked_proxy: ScalpleServer) -> None:
+    """A subject column among the result's columns: every row's value is a
+    subject, read by the relay's scanner (text format from psycopg, binary
+    from asyncpg), with no predicate naming it."""
+    proxy = masked_proxy
+    with psycopg.connect(_dsn(proxy), autocommit=True) as conn:
+        for n in (2001, 2002, 2003):
+            conn.execute(
+                "insert into pii_users (id, email) values (%s, %s)", (n, f"u{n}@example.org")
+            )
+        # The worker maps subject columns to OIDs from the catalog it loads for
+        # the session's database; wait until the relay reads them.
+        for attempt in range(50):
+            marker = f"and {attempt} = {attempt}"
+            conn.execute(f"select id from pii_users where email like 'u200%' {marker}").fetchall()
+            records = proxy.wait_for_records(
+                lambda rs, m=marker: any(m in (r["query"] or "") for r in rs)  # type: ignore[misc]
+            )
+            last = next(r for r in records if marker in (r["query"] or ""))
+            if last["subjects"]:
+                break
+    tags = {_tag(proxy, str(n)) for n in (2001, 2002, 2003)}
+    assert set(last["subjects"]) == tags and last["subjects_count"] == 3
+    assert last["subject_kinds"] == ["customer"]
+
+    async def binary() -> None:
+        conn = await asyncpg.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user="app_user",
+            password="app_pass",
+            database="app",
+            server_settings={"scalple.user_id": "dpo-test"},
+        )
+        try:
+            rows = await conn.fetch("select o.id, u.id from pii_users u, pii_orders o limit 0")
+            assert rows == []
+            await conn.fetch("select id, email from pii_users where id > $1 order by id", 2001)
+        finally:
+            await conn.close()
+
+    asyncio.run(binary())
+    records = proxy.wait_for_records(
+        lambda rs: any("where id > $1" in (r["query"] or "") for r in rs)
+    )
+    fetched = next(r for r in records if "where id > $1" in (r["query"] or ""))
+    assert set(fetched["subjects"]) >= {_tag(proxy, "2002"), _tag(proxy, "2003")}
+    assert "u2002@example.org" not in proxy.log_bytes().decode("utf-8", "replace")

@@ -88,3 +88,35 @@ def test_extended_copy_from_stdin_with_libpq_syncs() -> None:
         (b"select 1", b"SELECT 1", 1),
     ]
     assert t.idle
+
+
+class _Watch:
+    """Records what the tracker tells the backend scanner."""
+
+    def __init__(self) -> None:
+        self.pushed: list[object] = []
+
+    def push_row_description(self, body: bytes | None, bind: bytes | None = None) -> None:
+        self.pushed.append(body)
+
+    def push_ready_marker(self) -> None:
+        self.pushed.append("Z")
+
+
+def test_prepared_statement_descriptions_reach_the_scanner_at_each_bind() -> None:
+    """asyncpg prepares once (Parse, Describe statement, Sync) and then only
+    binds: the RowDescription it got when preparing is the only one its
+    results will have, so the tracker hands it over at every Bind."""
+    t, _events = tracker()
+    watch = _Watch()
+    t.watch_rows(watch)
+    t.on_frontend([fe("P", b"s1\0select id from t\0\0\0"), fe("D", b"Ss1\0"), fe("S", b"")], 1)
+    row_description = b"\0\x01id\0" + b"\0" * 18
+    t.on_backend([fe("t", b"\0\0"), fe("T", row_description), fe("Z", b"I")], 2)
+    t.on_frontend([fe("B", b"\0s1\0\0\0\0\0\0\0"), fe("E", b"\0\0\0\0\0"), fe("S", b"")], 3)
+    # A statement described with NoData, then the unnamed one (psycopg).
+    t.on_frontend([fe("P", b"s2\0set x = 1\0\0\0"), fe("D", b"Ss2\0"), fe("S", b"")], 4)
+    t.on_backend([fe("t", b"\0\0"), fe("n", b""), fe("Z", b"I")], 5)
+    t.on_frontend([fe("B", b"\0s2\0\0\0\0\0\0\0"), fe("S", b"")], 6)
+    t.on_frontend([fe("C", b"Ss1\0"), fe("B", b"\0s1\0\0\0\0\0\0\0"), fe("Q", b"select 1\0")], 7)
+    assert watch.pushed == ["Z", row_description, "Z", "Z", None, "Z", None, "Z"]

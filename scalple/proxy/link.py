@@ -127,6 +127,7 @@ class ClientLink(asyncio.Protocol):
         self._fast = False  # READY or AUTHENTICATING without TLS: inline relay
         self._paused = 0
         self._require: Requirement | None = None  # set when [identity] require applies
+        self._deferred_columns: dict[tuple[int, int], int] | None = None
         self._partial = b""  # an unfinished Query/Execute held back for checking
         # The error each refused statement gets, in order, while the server's
         # error for it is still to come (rewrite_refusals puts it in place).
@@ -521,6 +522,25 @@ class ClientLink(asyncio.Protocol):
         self.resume(Pause.HELD)
         self.update_fast()
 
+    @property
+    def database(self) -> str | None:
+        return self._session.database if self._session is not None else None
+
+    def read_row_subjects(self, columns: dict[tuple[int, int], int]) -> None:
+        """Have the backend scanner read these columns out of result rows.
+
+        Only between requests: the scanner's queue of result shapes is empty
+        while extraction is off, so requests already in flight would take
+        the shapes of later ones.  Otherwise it waits for the answers.
+        """
+        tracker = self._tracker
+        if tracker is not None and not tracker.answered:
+            self._deferred_columns = columns
+            return
+        self._deferred_columns = None
+        if self._server is not None:
+            self._server.read_row_subjects(columns)
+
     def update_fast(self) -> None:
         """Whether chunks may take the inline path: nothing to check first."""
         self._fast = (
@@ -537,6 +557,12 @@ class ClientLink(asyncio.Protocol):
             self._timer = None
         self._set_phase(Phase.READY)
         assert self._session is not None
+        if self._proxy.config.subjects and self._server is not None:
+            assert self._tracker is not None
+            self._tracker.watch_rows(self._server.scanner)
+            columns = self._proxy.subject_columns.get(self._session.database)
+            if columns:
+                self.read_row_subjects(columns)
         self._proxy.sink.submit(self._session)
         if self._proxy.sink.congested:
             self.pause(Pause.SINK)
@@ -563,6 +589,8 @@ class ClientLink(asyncio.Protocol):
             tracker.on_backend(captured, _monotonic_ns())  # type: ignore[union-attr]
         except Exception as exc:
             self._proxy.observation_failed(self, "backend", exc)
+        if self._deferred_columns is not None and tracker is not None and tracker.answered:
+            self.read_row_subjects(self._deferred_columns)
         if self.refusals and tracker is not None and tracker.answered:
             # A refused statement can end in another error (25P02 in an
             # aborted transaction) or be skipped after an earlier one: once
@@ -681,14 +709,23 @@ class ServerLink(asyncio.Protocol):
         self._auth = bytearray()
         self.auth_error: str | None = None
         config = client._proxy.config
+        capture = P.BACKEND_CAPTURE_DESCRIBED if config.subjects else P.BACKEND_CAPTURE
         self._scanner = MessageScanner(
-            P.BACKEND_CAPTURE, P.BACKEND_COUNT, None, 0x3FFFFFFF, config.log.capture_limit
+            capture, P.BACKEND_COUNT, None, 0x3FFFFFFF, config.log.capture_limit
         )
         # [log] durability = "strict": a statement's completion waits here
         # until its record is durable (scalple/sink/audit.py releases it).
         self._strict = client._proxy.sink.strict
         self._held: list[bytes] | None = None
         self._holds = 0
+
+    @property
+    def scanner(self) -> MessageScanner:
+        return self._scanner
+
+    def read_row_subjects(self, columns: dict[tuple[int, int], int]) -> None:
+        limit = self._client._proxy.config.masking.subjects_limit
+        self._scanner.set_row_subjects(columns or None, limit)
 
     @property
     def at_boundary(self) -> bool:

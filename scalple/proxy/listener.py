@@ -75,7 +75,16 @@ class Proxy:
         # Why statements are refused with 53100: the log cannot be written and
         # [log] on_failure = "block".  None while the log works.
         self.refusing: str | None = None
-        sink.notify(self.loop, self._sink_congested, self._sink_drained, self._store_failing)
+        # Result columns whose values name data subjects, per database, as
+        # RowDescription identifies them; learned from the audit worker.
+        self.subject_columns: dict[str, dict[tuple[int, int], int]] = {}
+        sink.notify(
+            self.loop,
+            self._sink_congested,
+            self._sink_drained,
+            self._store_failing,
+            self._learn_subject_columns,
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -141,6 +150,12 @@ class Proxy:
         self.refusing = reason
         for link in self.links:
             link.update_fast()
+
+    def _learn_subject_columns(self, database: str, columns: dict[tuple[int, int], int]) -> None:
+        self.subject_columns[database] = columns
+        for link in self.links:
+            if link.database == database:
+                link.read_row_subjects(columns)
 
     def observation_failed(self, link: ClientLink, direction: str, exc: BaseException) -> None:
         self.observation_errors += 1

@@ -27,7 +27,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from scalple import protocol as P
 from scalple._wire import (
@@ -83,7 +83,16 @@ _ALWAYS_ALLOWED: Final = re.compile(
     r"|set|reset|show|discard|deallocate|listen|unlisten)\b"
 )
 _OPENS_TX: Final = (b"BEGIN", b"START TRANSACTION")
+_ROW_VALUES: Final = 0  # the backend scanner's entry for subject values read from rows
 _CLOSES_TX: Final = (b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION")
+
+
+class RowWatch(Protocol):
+    """Where the shapes of results to come go (the backend MessageScanner)."""
+
+    def push_row_description(self, body: bytes | None, bind: bytes | None = None) -> None: ...
+
+    def push_ready_marker(self) -> None: ...
 
 
 class Portal:
@@ -96,6 +105,7 @@ class Portal:
         "param_types",
         "params",
         "query",
+        "row_values",
         "rows",
         "started_ns",
         "suspended",
@@ -118,6 +128,7 @@ class Portal:
         self.ended_ns = 0  # when the last Execute of this portal was answered
         self.in_transaction = False  # in a transaction block when it first ran
         self.suspended = False
+        self.row_values: list[tuple[bytes, bool, int]] = []  # from Executes that suspended
         # The person in force when the portal first ran: a suspended portal is
         # recorded when it finishes, maybe after the transaction (and a SET
         # LOCAL identity) ended.
@@ -174,6 +185,7 @@ class StatementTracker:
 
     __slots__ = (
         "_copy_in",
+        "_described",
         "_describes",
         "_emit",
         "_identity",
@@ -182,6 +194,9 @@ class StatementTracker:
         "_portals",
         "_prepared",
         "_rolled_back",
+        "_row_descriptions",
+        "_row_values",
+        "_row_watch",
         "_skip_to_sync",
         "_syncs_answered",
         "_syncs_sent",
@@ -201,6 +216,12 @@ class StatementTracker:
         self._emit = emit
         self._identity = identity
         self._tx_error = False  # an error since the last idle ReadyForQuery
+        self._row_values: list[tuple[bytes, bool, int]] = []  # for the next completion
+        # Subjects in the results of prepared statements: the RowDescription of
+        # each described statement, handed to the backend scanner at each Bind.
+        self._row_watch: RowWatch | None = None
+        self._row_descriptions: dict[bytes, bytes] = {}
+        self._described: bytes | None = None  # statement whose description comes next
         self._rolled_back = False
         self._prepared: dict[bytes, tuple[bytes, bool, tuple[int, ...]]] = {}
         self._portals: dict[bytes, Portal] = {}
@@ -262,6 +283,8 @@ class StatementTracker:
             elif mtype == P.F_SYNC:
                 if self._copy_in:
                     continue  # the server ignores Sync during copy-in
+                if self._row_watch is not None:
+                    self._row_watch.push_ready_marker()
                 self._skip_to_sync = False
                 self._syncs_sent += 1
                 self._pending.append(Request(Kind.SYNC, now))
@@ -269,6 +292,8 @@ class StatementTracker:
                 if body[:1] == b"S":
                     self._describes.append((body[1:].partition(b"\0")[0], self._syncs_sent))
             elif mtype == P.F_QUERY:
+                if self._row_watch is not None:
+                    self._row_watch.push_ready_marker()
                 query = body[:-1] if body.endswith(b"\0") else body
                 request = Request(Kind.QUERY, now, query, truncated)
                 self._pending.append(request)
@@ -284,6 +309,8 @@ class StatementTracker:
             elif mtype == P.F_TERMINATE:
                 self.terminated = True
             elif mtype == P.F_FUNCTION_CALL:
+                if self._row_watch is not None:
+                    self._row_watch.push_ready_marker()
                 oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else 0
                 request = Request(Kind.FUNCTION, now, b"<function call oid=%d>" % oid)
                 self._pending.append(request)
@@ -377,7 +404,14 @@ class StatementTracker:
             old = self._prepared.get(name)
             if old is not None and old[0] == query:
                 types = old[2]
+        previous = self._prepared.get(name)
+        if previous is None or previous[0] != query:
+            self._row_descriptions.pop(name, None)
         self._prepared[name] = (query, truncated, types)
+
+    def watch_rows(self, watch: RowWatch) -> None:
+        """Tell ``watch`` (the backend scanner) the shape of each result to come."""
+        self._row_watch = watch
 
     def _bind(self, body: bytes, truncated: bool) -> None:
         try:
@@ -387,6 +421,8 @@ class StatementTracker:
             # Parameters past the capture limit: keep the names, drop values.
             parts = body.split(b"\0", 2)
             if len(parts) < 3:
+                if self._row_watch is not None:
+                    self._row_watch.push_row_description(None)  # keep in step with the server
                 return
             portal, statement, captured = parts[0], parts[1], None
         query, query_truncated, types = self._prepared.get(statement, (None, False, ()))
@@ -394,6 +430,9 @@ class StatementTracker:
         if old is not None and old.suspended:
             self._finish_suspended(old)
         self._portals[portal] = Portal(query, query_truncated, captured, types)
+        if self._row_watch is not None:
+            # The Bind's result formats say which columns come back binary.
+            self._row_watch.push_row_description(self._row_descriptions.get(statement), body)
 
     def _execute(self, body: bytes, now: int) -> Request | None:
         try:
@@ -418,6 +457,7 @@ class StatementTracker:
             return
         if kind == b"S":
             self._prepared.pop(name, None)
+            self._row_descriptions.pop(name, None)
         else:
             portal = self._portals.pop(name, None)
             if portal is not None and portal.suspended:
@@ -427,9 +467,22 @@ class StatementTracker:
 
     def on_backend(self, messages: list[Captured], now: int) -> None:
         pending = self._pending
-        for mtype, body, _truncated, counted, _end in messages:
+        for mtype, body, truncated, counted, _end in messages:
+            if mtype == _ROW_VALUES:
+                # Subject-column values the scanner read from the rows of the
+                # statement whose completion comes next.
+                self._row_values.append((body, truncated, counted))
+                continue
             if mtype == P.B_PARAMETER_DESCRIPTION:
                 self._parameter_types(body)
+                continue
+            if mtype == P.B_ROW_DESCRIPTION or mtype == P.B_NO_DATA:
+                described, self._described = self._described, None
+                if described is not None:
+                    if mtype == P.B_ROW_DESCRIPTION and not truncated:
+                        self._row_descriptions[described] = body
+                    else:
+                        self._row_descriptions.pop(described, None)
                 continue
             if not pending:
                 # ReadyForQuery after an error outside any request, async
@@ -455,6 +508,8 @@ class StatementTracker:
                     portal = head.portal
                     portal.rows += counted
                     portal.ended_ns = now
+                    portal.row_values += self._row_values
+                    self._row_values = []
                     if not portal.suspended:
                         portal.suspended = True
                         portal.in_transaction = self._in_tx
@@ -492,6 +547,7 @@ class StatementTracker:
         if not describes:
             return
         name, _ = describes.popleft()
+        self._described = name  # its RowDescription or NoData follows
         entry = self._prepared.get(name)
         if entry is None or len(body) < 2:
             return
@@ -572,6 +628,7 @@ class StatementTracker:
         self._ready(body)
 
     def _ready(self, body: bytes) -> None:
+        self._row_values = []  # values of rows whose statement was not ours to record
         status = body[:1]
         self._in_tx = status != b"I"
         if status == b"I":
@@ -669,6 +726,11 @@ class StatementTracker:
             portal.identity = None
         else:
             identity = self._attribute(query, index, params, status == "ok")
+        values = self._row_values
+        if portal is not None and portal.row_values:
+            values = portal.row_values + values
+            portal.row_values = []
+        self._row_values = []
         self._emit(
             StatementEvent(
                 session=self.session,
@@ -687,5 +749,8 @@ class StatementTracker:
                 status=status,
                 in_transaction=self._in_tx if in_transaction is None else in_transaction,
                 identity=identity,
+                row_values=b"".join(v[0] for v in values) if values else None,
+                row_values_seen=sum(v[2] for v in values),
+                row_values_truncated=any(v[1] for v in values),
             )
         )

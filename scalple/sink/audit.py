@@ -25,6 +25,7 @@ from pathlib import Path
 
 from scalple.config import Config
 from scalple.logsafe import where
+from scalple.masking.rows import SubjectColumns
 from scalple.sink.base import Event
 from scalple.sink.worker import Ack, Resent, Started, worker_main
 
@@ -60,6 +61,9 @@ class AuditSink:
         self._on_congested: Callable[[], None] = _nothing
         self._on_drained: Callable[[], None] = _nothing
         self._on_failing: Callable[[str | None], None] = _nothing_failing
+        self._on_subject_columns: Callable[[str, dict[tuple[int, int], int]], None] = (
+            lambda database, columns: None
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()  # strict mode: hand over now, someone waits
         self._holds: deque[tuple[int, Callable[[], None]]] = deque()  # (ticket, release)
@@ -101,13 +105,18 @@ class AuditSink:
         on_congested: Callable[[], None],
         on_drained: Callable[[], None],
         on_failing: Callable[[str | None], None] = lambda reason: None,
+        on_subject_columns: Callable[[str, dict[tuple[int, int], int]], None] = (
+            lambda database, columns: None
+        ),
     ) -> None:
         """Tell ``loop`` when the relay must pause (and may resume) reading,
-        and when the store starts (a reason) and stops (None) failing."""
+        when the store starts (a reason) and stops (None) failing, and the
+        subject columns of each database as the worker learns them."""
         self._loop = loop
         self._on_congested = on_congested
         self._on_drained = on_drained
         self._on_failing = on_failing
+        self._on_subject_columns = on_subject_columns
 
     def hold(self, release: Callable[[], None]) -> None:
         """Strict durability: call ``release`` on the loop once every event
@@ -231,7 +240,7 @@ class AuditSink:
     def _read_acks(self, acks: Connection) -> None:
         while True:
             try:
-                ack: Ack = acks.recv()
+                ack: Ack | SubjectColumns = acks.recv()
             except (EOFError, OSError):
                 self._worker_gone.set()  # the handoff thread restarts it
                 return
@@ -240,7 +249,12 @@ class AuditSink:
             except Exception as exc:  # keep reading acks whatever happens
                 log.error("handling an audit acknowledgement failed (%s)", where(exc))
 
-    def _acknowledge(self, ack: Ack) -> None:
+    def _acknowledge(self, ack: Ack | SubjectColumns) -> None:
+        if isinstance(ack, SubjectColumns):
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_subject_columns, ack.database, ack.columns)
+            return
         self.failed_writes = max(self.failed_writes, ack.failed_writes)
         self.lost = max(self.lost, ack.lost)
         self.unsynced = ack.unsynced

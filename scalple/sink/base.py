@@ -35,6 +35,7 @@ class Sink(Protocol):
         on_congested: Callable[[], None],
         on_drained: Callable[[], None],
         on_failing: Callable[[str | None], None] = ...,
+        on_subject_columns: Callable[[str, dict[tuple[int, int], int]], None] = ...,
     ) -> None: ...
 
     def hold(self, release: Callable[[], None]) -> None:

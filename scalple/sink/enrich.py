@@ -23,6 +23,12 @@ from scalple.config import Config, parse_address
 from scalple.events import StatementEvent, monotonic_to_wall_ns
 from scalple.logsafe import where
 from scalple.masking.masks import Masker, key_from_file
+from scalple.masking.rows import (
+    SubjectColumns,
+    row_subject_columns,
+    row_subject_values,
+    subject_kinds,
+)
 from scalple.masking.statement import StatementMasker, SubjectSet
 from scalple.records import StatementRecord, rfc3339, statement_params
 
@@ -75,6 +81,9 @@ class Enricher:
         self.analyse = analyse
         self.masker = masker or StatementMasker({}, {}, "none", None)
         self.subjects_limit = subjects_limit
+        self._kinds = subject_kinds(self.masker.subjects)
+        self._maps_sent: dict[str, str] = {}  # database -> catalog version of its map
+        self.subject_maps: list[SubjectColumns] = []  # for the proxy, taken by the worker
         self._splits: OrderedDict[str, list[str]] = OrderedDict()
         self._exact: OrderedDict[tuple[str, str], StatementAnalysis] = OrderedDict()
         self.failures = 0
@@ -112,6 +121,8 @@ class Enricher:
             catalog, unavailable = self.catalogs.get(session.database, session.db_role)
             if unavailable:
                 notes.append(unavailable)
+            elif catalog is not None:
+                self._map_subjects(session.database, catalog)
         try:
             analysis = self._analysis(text, catalog)
         except Exception as exc:  # analysis must never cost a record
@@ -127,6 +138,23 @@ class Enricher:
         ):
             self.catalogs.invalidate(session.database)
         return analysis, [*notes, *analysis.unresolved], catalog
+
+    def _map_subjects(self, database: str, catalog: Catalog) -> None:
+        """Queue the subject-column map of ``database`` for the proxy when its
+        catalog is new (first use, after DDL, on refresh)."""
+        if not self._kinds or self._maps_sent.get(database) == catalog.version:
+            return
+        self._maps_sent[database] = catalog.version
+        columns = row_subject_columns(catalog, self.masker.subjects)
+        self.subject_maps.append(SubjectColumns(database, columns))
+
+    def prefetch(self, database: str, role: str) -> None:
+        """A session opened: load its catalog now, so the proxy has the
+        subject-column map before the session's first result rows."""
+        if self._kinds and self.catalogs is not None and self.analyse:
+            catalog, _ = self.catalogs.get(database, role)
+            if catalog is not None:
+                self._map_subjects(database, catalog)
 
     def _analysis(self, text: str, catalog: Catalog | None) -> StatementAnalysis:
         """Exact text first (prepared statements repeat it byte for byte: no
@@ -186,6 +214,14 @@ class Enricher:
             )
             text, params, masked_fields = masked.query, masked.params, masked.masked_fields
             notes = notes + [note for note in masked.notes if note not in notes]
+        if event.row_values and masker.masker is not None:
+            kept = 0
+            for kind, value in row_subject_values(event.row_values, self._kinds):
+                subjects.add(masker.masker.subject_tag(kind, value), kind)
+                kept += 1
+            if event.row_values_truncated:
+                subjects.truncated = True
+                subjects.count += max(0, event.row_values_seen - kept)
         if text is not None:
             text = redact_tokens(text)
         if params:

@@ -175,6 +175,9 @@ class _Loop:
         else:
             self.send(len(done), events, totals)
             self.syncer.wake()
+        for message in writer.take_subject_maps():
+            with self._send_lock:
+                self.acks.send(message)
 
 
 class _Syncer(threading.Thread):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from scalple.config import Config
-from scalple.events import StatementEvent
+from scalple.events import SessionInfo, StatementEvent
 from scalple.logsafe import where
 from scalple.query.reader import segment_records
 from scalple.records import SessionRecord, StatementRecord, rfc3339, to_session_record
@@ -171,6 +171,8 @@ class RecordWriter:
                     # Never lose the statement: fall back to what the relay saw.
                     log.error("building the record failed (%s); writing it bare", where(exc))
                     return self._enricher.bare_record(event)
+            if type(event) is SessionInfo:
+                self._enricher.prefetch(event.database, event.db_role)
             return to_session_record(event)  # type: ignore[arg-type]
         except Exception as exc:
             log.error("event could not be rendered (%s); writing a stub", where(exc))
@@ -183,6 +185,11 @@ class RecordWriter:
                 database=None,
                 reason=f"event of type {type(event).__name__} could not be rendered: {where(exc)}",
             )
+
+    def take_subject_maps(self) -> list[object]:
+        """Subject-column maps for the proxy, computed since the last call."""
+        maps, self._enricher.subject_maps = self._enricher.subject_maps, []
+        return list(maps)
 
     def close(self) -> None:
         self.store.close()

@@ -42,6 +42,12 @@ grant usage on sequence pii_orders_id_seq to app_user;
 def masked_proxy(
     pg: PostgresCluster, catalog_password: str, tmp_path: Path
 ) -> Iterator[ScalpleServer]:
+    yield from _masked_proxy(pg, catalog_password, tmp_path, subjects_limit=10_000)
+
+
+def _masked_proxy(
+    pg: PostgresCluster, catalog_password: str, tmp_path: Path, *, subjects_limit: int
+) -> Iterator[ScalpleServer]:
     pg.psql(_SCHEMA)
     pg.psql("truncate pii_users, pii_orders")
     key = tmp_path / "masking.key"
@@ -51,7 +57,7 @@ def masked_proxy(
     config: dict[str, dict[str, object]] = {
         "catalog": {"password_file": catalog_password},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-        "masking": {"key_file": str(key)},
+        "masking": {"key_file": str(key), "subjects_limit": subjects_limit},
         "pii": {
             "public.pii_users.email": "email",
             "public.pii_users.phone": "partial",
@@ -275,3 +281,43 @@ def test_subjects_from_result_rows_text_and_binary(masked_proxy: ScalpleServer) 
     fetched = next(r for r in records if "where id > $1" in (r["query"] or ""))
     assert set(fetched["subjects"]) >= {_tag(proxy, "2002"), _tag(proxy, "2003")}
     assert "u2002@example.org" not in proxy.log_bytes().decode("utf-8", "replace")
+
+
+@pytest.fixture
+def bounded_proxy(
+    pg: PostgresCluster, catalog_password: str, tmp_path: Path
+) -> Iterator[ScalpleServer]:
+    yield from _masked_proxy(pg, catalog_password, tmp_path, subjects_limit=2)
+
+
+def test_join_and_write_subjects_and_the_bound(bounded_proxy: ScalpleServer) -> None:
+    """Ground truth for a join through the subject column, a DELETE, and a
+    result with more subjects than the bound."""
+    proxy = bounded_proxy
+    with psycopg.connect(_dsn(proxy), autocommit=True) as conn:
+        for n in (3001, 3002, 3003):
+            conn.execute("insert into pii_users (id, email) values (%s, %s)", (n, f"j{n}@x.org"))
+        conn.execute("insert into pii_orders (user_id, amount) values (3001, 5), (3002, 7)")
+        conn.execute(
+            "select o.amount from pii_orders o join pii_users u on u.id = o.user_id "
+            "where o.user_id = 3002",
+            prepare=False,
+        ).fetchall()
+        conn.execute("delete from pii_orders where user_id = %s", (3001,))
+        for attempt in range(50):
+            marker = f"and {attempt} = {attempt}"
+            conn.execute(f"select id from pii_users where id >= 3001 {marker}").fetchall()
+            records = proxy.wait_for_records(
+                lambda rs, m=marker: any(m in (r["query"] or "") for r in rs)  # type: ignore[misc]
+            )
+            last = next(r for r in records if marker in (r["query"] or ""))
+            if last["subjects_truncated"]:
+                break
+    by_text = {r["query"]: r for r in records if r["query"]}
+    join = next(r for q, r in by_text.items() if q.startswith("select o.amount"))
+    assert join["subjects"] == [_tag(proxy, "3002")]
+    delete = next(r for q, r in by_text.items() if q.startswith("delete from pii_orders"))
+    assert delete["subjects"] == [_tag(proxy, "3001")]
+    assert last["subjects_truncated"] and len(last["subjects"]) == 2
+    assert last["subjects_count"] == 3
+    assert set(last["subjects"]) <= {_tag(proxy, str(n)) for n in (3001, 3002, 3003)}

@@ -136,3 +136,20 @@ def test_subjects_are_bounded() -> None:
         subjects=subjects,
     )
     assert len(subjects.tags) == 2 and subjects.count == 3 and subjects.truncated
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "execute upd('ana@x.org', 7)",
+        "call set_email(7, 'ana@x.org')",
+        "do $$ begin update users set email = 'ana@x.org' where id = 7; end $$",
+        "/* app */ prepare p as update users set email = 'ana@x.org' where id = $1",
+        "create or replace function f() returns void language sql as "
+        "$$ update users set email = 'ana@x.org' $$",
+    ],
+)
+def test_statements_the_plan_cannot_see_into_are_masked_whole(sql: str) -> None:
+    result, _ = mask(sql)
+    assert "ana@x.org" not in (result.query or "")
+    assert any("every constant" in note for note in result.notes)

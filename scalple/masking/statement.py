@@ -39,6 +39,13 @@ _PLAN_CACHE_SIZE: Final = 4096
 _REDACTED: Final = "***"
 # plan_masking's notes for a statement it could not plan at all.
 _UNPLANNED: Final = ("statement could not be parsed", "internal error while planning")
+# Statements whose constants reach columns only through something the plan
+# cannot see (a prepared statement, a procedure, code in a body): masked whole.
+_OPAQUE: Final = re.compile(
+    r"(?is)\A(?:\s|/\*.*?\*/|--[^\n]*(?:\n|\Z))*"
+    r"(?:execute|call|do|prepare"
+    r"|create\s+(?:or\s+replace\s+)?(?:function|procedure|trigger|rule))\b"
+)
 
 
 class SubjectSet:
@@ -132,7 +139,11 @@ class StatementMasker:
         except Exception as exc:  # the plan must never cost a record
             log.error("masking plan failed (%s); masking every literal", where(exc))
             plan = None
-        if plan is None or any(note.startswith(_UNPLANNED) for note in plan.unresolved):
+        if (
+            plan is None
+            or any(note.startswith(_UNPLANNED) for note in plan.unresolved)
+            or _OPAQUE.match(text)
+        ):
             shape = None
         else:
             starts = [start for start, _end, _kind in tokens]

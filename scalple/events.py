@@ -113,6 +113,7 @@ class StatementEvent(msgspec.Struct, gc=False):
     row_values: bytes | None = None
     row_values_seen: int = 0
     row_values_truncated: bool = False
+    escape_strings: bool = False  # the session had standard_conforming_strings off
 
 
 class SessionClosed(msgspec.Struct, frozen=True, gc=False):

@@ -75,7 +75,7 @@ B_READY_FOR_QUERY: Final = ord("Z")  # ReadyForQuery
 B_ROW_DESCRIPTION: Final = ord("T")  # RowDescription
 B_NO_DATA: Final = ord("n")  # NoData
 
-BACKEND_CAPTURE: Final = b"CEZsIVtG"
+BACKEND_CAPTURE: Final = b"CEZsIVtGS"
 # With [subjects]: statement descriptions too, so that results of prepared
 # statements (no RowDescription of their own) can be watched for subjects.
 BACKEND_CAPTURE_DESCRIBED: Final = BACKEND_CAPTURE + b"Tn"

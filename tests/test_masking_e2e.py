@@ -123,6 +123,13 @@ def _workload(proxy: ScalpleServer) -> None:
             conn.execute(
                 f"insert into pii_users (id, email) values (1005, '{EMAILS[0]}')", prepare=False
             )
+        # standard_conforming_strings = off: a backslash-escaped quote would
+        # put the value outside what a standard-strings lexer calls a literal
+        conn.execute("set standard_conforming_strings = off")
+        conn.execute(
+            f"select id from pii_users where name = '\\' {EMAILS[1]} '", prepare=False
+        ).fetchall()
+        conn.execute("reset standard_conforming_strings")
         # a syntax error next to a value: the error names the token
         with pytest.raises(psycopg.errors.SyntaxError):
             conn.execute(f"select * from pii_users where email = '{EMAILS[1]}' '{IBANS[2]}'")

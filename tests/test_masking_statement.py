@@ -153,3 +153,32 @@ def test_statements_the_plan_cannot_see_into_are_masked_whole(sql: str) -> None:
     result, _ = mask(sql)
     assert "ana@x.org" not in (result.query or "")
     assert any("every constant" in note for note in result.notes)
+
+
+def test_a_comment_lookalike_in_a_quoted_identifier_does_not_merge_shapes() -> None:
+    """Found in review: stripping "--" inside "x--" made these two statements
+    one shape, and the second reused the first's plan (no PII there)."""
+    catalog = Catalog(
+        [Relation("public", "users", "table", ("id", "email", "phone", "note", "x--"))]
+    )
+    masker = StatementMasker(PII, SUBJECTS, "pii", MASKER)
+    mask("update users set (\"x--\", note) = ('a', 'b')", catalog=catalog, masker=masker)
+    result, _ = mask(
+        "update users set (\"x--\", email) = ('a', 'ana@x.org')", catalog=catalog, masker=masker
+    )
+    assert "ana@x.org" not in (result.query or "")
+
+
+def test_parameters_of_a_statement_never_seen_are_masked() -> None:
+    """A Bind to a statement prepared by SQL PREPARE: no text, no columns."""
+    result, _ = mask(None, ["ana@x.org", None])  # type: ignore[arg-type]
+    assert result.params == ["***", None] and result.notes
+
+
+def test_subject_ids_are_tagged_as_postgresql_prints_them() -> None:
+    """'042', ' 42 ' and 42.0 name the same customer as the row value 42."""
+    tags = set()
+    for literal in ("42", "042", "' 42 '", "42.0"):
+        _, subjects = mask(f"select 1 from users where id = {literal}")
+        tags.update(subjects.tags)
+    assert tags == {MASKER.subject_tag("customer", "42")}

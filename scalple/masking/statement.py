@@ -29,7 +29,7 @@ from scalple.logsafe import where
 from scalple.masking.masks import Masker, mask_literal_token
 from scalple.masking.plan import ColumnRole, plan_masking
 
-__all__ = ["MaskedStatement", "StatementMasker", "SubjectSet"]
+__all__ = ["MaskedStatement", "StatementMasker", "SubjectSet", "canonical_subject_value"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ class _Shape(msgspec.Struct):
 
 
 _EMPTY_SHAPE: Final = _Shape({}, {}, {}, [])
+_UNKNOWN_PARAMS: Final = "statement text unknown: every parameter masked"
+_HIDDEN_QUERY: Final = "[query hidden: standard_conforming_strings is off]"
+_ESCAPE_NOTE: Final = (
+    "standard_conforming_strings was off: constants cannot be told apart, query hidden"
+)
 
 
 class StatementMasker:
@@ -173,6 +178,7 @@ class StatementMasker:
         catalog: Catalog | None,
         planned: bool,
         subjects: SubjectSet,
+        escape_strings: bool = False,
     ) -> MaskedStatement:
         """Mask ``text`` and ``params``; add the subjects they name to ``subjects``.
 
@@ -181,7 +187,19 @@ class StatementMasker:
         and parameter is masked.  The same holds without a catalog: then an
         unqualified column cannot be known not to be a PII column.
         """
-        if not self.active or text is None:
+        if not self.active:
+            return MaskedStatement(text, params, [], [])
+        if escape_strings and text is not None and (self.pii or self.literals == "all"):
+            # The lexer reads standard strings; with backslash escapes in
+            # '...' it could leave a value outside any literal: show nothing.
+            hidden = [None if p is None else _REDACTED for p in params] if params else params
+            return MaskedStatement(_HIDDEN_QUERY, hidden, [], [_ESCAPE_NOTE])
+        if text is None:
+            # A statement the proxy never saw prepared: nothing says which
+            # column a parameter feeds, so with PII configured none is kept.
+            if params and (self.pii or self.literals == "all"):
+                hidden = [None if p is None else _REDACTED for p in params]
+                return MaskedStatement(None, hidden, [], [_UNKNOWN_PARAMS])
             return MaskedStatement(text, params, [], [])
         data = text.encode("utf-8", "surrogateescape")
         tokens = scan_literals(data)
@@ -256,7 +274,7 @@ class StatementMasker:
         masker = self.masker
         tag: str | None = None
         if role.subject is not None and masker is not None:
-            tag = masker.subject_tag(role.subject, value)
+            tag = masker.subject_tag(role.subject, canonical_subject_value(value))
             subjects.add(tag, role.subject)
         if role.mask is not None:
             masked = _REDACTED if masker is None else masker.mask(role.mask, value)
@@ -299,21 +317,54 @@ class StatementMasker:
         return shape.output if shape is not None else {}
 
 
-_COMMENTS: Final = re.compile(rb"/\*.*?\*/|--[^\n]*", re.S)
+# Between two literals there are only keywords, names, operators, quoted
+# identifiers and comments: a quoted identifier is kept whole (it may hold
+# "--" or "/*"), a comment is dropped (sqlcommenter's differ per request).
+_GAP: Final = re.compile(rb'"(?:[^"]|"")*"?|/\*|--[^\n]*|[^"/-]+|[/-]')
+
+
+def _without_comments(gap: bytes) -> bytes:
+    kept: list[bytes] = []
+    position = 0
+    while position < len(gap):
+        match = _GAP.match(gap, position)
+        assert match is not None  # the pattern matches every byte
+        piece = match.group()
+        if piece == b"/*":
+            position = _comment_end(gap, match.end())
+            kept.append(b" ")
+            continue
+        kept.append(b" " if piece.startswith(b"--") else piece)
+        position = match.end()
+    return b"".join(kept)
+
+
+def _comment_end(gap: bytes, position: int) -> int:
+    """After the ``*/`` closing a (nested) block comment opened before ``position``."""
+    depth = 1
+    while depth and position < len(gap):
+        if gap.startswith(b"/*", position):
+            depth += 1
+            position += 2
+        elif gap.startswith(b"*/", position):
+            depth -= 1
+            position += 2
+        else:
+            position += 1
+    return position
 
 
 def _skeleton(data: bytes, tokens: Sequence[tuple[int, int, int]]) -> bytes:
     """The statement without literal values and comments: what its plan
-    depends on.  (Text between literals has no literal in it; a comment
-    lookalike inside a quoted identifier is dropped too, which only merges
-    shapes that differ inside such an identifier's comment-like part.)"""
+    depends on (quoted identifiers kept whole: two statements differing in
+    one must never share a plan)."""
     parts: list[bytes] = []
     position = 0
     for start, end, kind in tokens:
-        parts.append(_COMMENTS.sub(b" ", data[position:start]))
+        parts.append(_without_comments(data[position:start]))
         parts.append(b"\x00%d" % kind)
         position = end
-    parts.append(_COMMENTS.sub(b" ", data[position:]))
+    parts.append(_without_comments(data[position:]))
     return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
@@ -356,3 +407,24 @@ def _array_quote(element: str) -> str:
     if element and all(c.isalnum() or c in "_.@*-+" for c in element):
         return element
     return '"' + element.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_INTEGER: Final = re.compile(r"\A\s*([+-]?)0*(\d+)(?:\.0*)?\s*\Z")
+_UUID: Final = re.compile(r"\A\s*\{?([0-9A-Fa-f-]{32,36})\}?\s*\Z")
+
+
+def canonical_subject_value(value: str) -> str:
+    """A subject id as PostgreSQL prints the stored value, so that the
+    literals ``042``, `` 42 ``, ``42.0`` and the row value ``42`` share one
+    tag (and so do a UUID in capitals or braces and its stored form)."""
+    number = _INTEGER.match(value)
+    if number is not None:
+        digits = number.group(2)
+        return ("-" if number.group(1) == "-" and digits.strip("0") else "") + digits
+    uuid = _UUID.match(value)
+    if uuid is not None:
+        hexdigits = uuid.group(1).replace("-", "").lower()
+        if len(hexdigits) == 32:
+            h = hexdigits
+            return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return value

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from scalple import protocol as P
 from scalple._wire import MessageScanner, ProtocolViolation
-from scalple.events import SessionClosed, SessionInfo, SessionRejected
+from scalple.events import SessionClosed, SessionInfo, SessionRejected, StatementEvent
 from scalple.identity.startup import extract_identity
 from scalple.identity.state import IdentityState, Requirement
 from scalple.logsafe import where
@@ -128,6 +128,7 @@ class ClientLink(asyncio.Protocol):
         self._paused = 0
         self._require: Requirement | None = None  # set when [identity] require applies
         self._deferred_columns: dict[tuple[int, int], int] | None = None
+        self.unheld_records = 0  # strict: records whose answers are not held yet
         self._partial = b""  # an unfinished Query/Execute held back for checking
         # The error each refused statement gets, in order, while the server's
         # error for it is still to come (rewrite_refusals puts it in place).
@@ -474,9 +475,10 @@ class ClientLink(asyncio.Protocol):
             config.server.max_message_size,
             config.log.capture_limit,
         )
+        sink = self._proxy.sink
         self._tracker = StatementTracker(
             self._session,
-            self._proxy.sink.submit,
+            self._record_strictly if sink.strict else sink.submit,
             IdentityState(identity, self._proxy.token_verifier),
         )
         rules = config.identity
@@ -540,6 +542,19 @@ class ClientLink(asyncio.Protocol):
         self._deferred_columns = None
         if self._server is not None:
             self._server.read_row_subjects(columns)
+
+    def _record_strictly(self, event: StatementEvent) -> None:
+        """Strict durability: count the records whose statement's answer must
+        wait for them (ServerLink holds the next backend bytes for them).
+
+        A statement refused because the log cannot be written ran nothing,
+        and its record cannot become durable until the log works: its answer
+        is not held.  Records emitted while observing the client (a suspended
+        portal closed by a Bind or Close) are counted too.
+        """
+        self._proxy.sink.submit(event)
+        if not (event.status == "error" and event.sqlstate == P.SQLSTATE_DISK_FULL):
+            self.unheld_records += 1
 
     def update_fast(self) -> None:
         """Whether chunks may take the inline path: nothing to check first."""
@@ -745,11 +760,10 @@ class ServerLink(asyncio.Protocol):
                 )
                 return
             client = self._client
-            refusing = bool(client.refusals)
-            if captured is not None and refusing:
+            if captured is not None and client.refusals:
                 data = client.rewrite_refusals(data, captured)
             if self._strict:
-                self._relay_durable(data, captured, refusing)
+                self._relay_durable(data, captured)
                 return
             client._write(data)
             if captured is not None:
@@ -757,19 +771,17 @@ class ServerLink(asyncio.Protocol):
             return
         self._authenticating(data)
 
-    def _relay_durable(self, data: bytes, captured: list[Captured] | None, refusing: bool) -> None:
-        """Strict durability: forward up to the first completion that produced
-        a record, hold the rest until the sink says the record is durable.
-
-        A refused statement ran nothing, so its answer is not held (while the
-        log cannot be written its record cannot become durable).
-        """
+    def _relay_durable(self, data: bytes, captured: list[Captured] | None) -> None:
+        """Strict durability: forward up to the first completion of this
+        chunk, hold the rest until every record counted so far (see
+        ``ClientLink._record_strictly``) is durable."""
         client = self._client
         sink = client._proxy.sink
-        before = sink.submitted
         if captured is not None:
             client.observe_backend(captured)
-        recorded = sink.submitted != before and not refusing
+        recorded = client.unheld_records > 0
+        if recorded:
+            client.unheld_records = 0
         if self._held is not None:
             self._held.append(data)
             if recorded:
@@ -779,8 +791,7 @@ class ServerLink(asyncio.Protocol):
             client._write(data)
             return
         cut = 0
-        assert captured is not None
-        for mtype, body, truncated, _counted, end in captured:
+        for mtype, body, truncated, _counted, end in captured or ():
             if mtype in _COMPLETIONS:
                 start = end - 5 - len(body)
                 cut = start if not truncated and start > 0 else 0

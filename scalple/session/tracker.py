@@ -201,6 +201,7 @@ class StatementTracker:
         "_syncs_answered",
         "_syncs_sent",
         "_tx_error",
+        "escape_strings",
         "session",
         "statements",
         "terminated",
@@ -222,6 +223,9 @@ class StatementTracker:
         self._row_watch: RowWatch | None = None
         self._row_descriptions: dict[bytes, bytes] = {}
         self._described: bytes | None = None  # statement whose description comes next
+        # standard_conforming_strings = off: backslashes escape in '...' too,
+        # and the literal lexer (standard strings) would misread the text.
+        self.escape_strings = False
         self._rolled_back = False
         self._prepared: dict[bytes, tuple[bytes, bool, tuple[int, ...]]] = {}
         self._portals: dict[bytes, Portal] = {}
@@ -475,6 +479,11 @@ class StatementTracker:
                 continue
             if mtype == P.B_PARAMETER_DESCRIPTION:
                 self._parameter_types(body)
+                continue
+            if mtype == P.B_PARAMETER_STATUS:
+                name, _, rest = body.partition(b"\0")
+                if name == b"standard_conforming_strings":
+                    self.escape_strings = rest.partition(b"\0")[0] == b"off"
                 continue
             if mtype == P.B_ROW_DESCRIPTION or mtype == P.B_NO_DATA:
                 described, self._described = self._described, None
@@ -752,5 +761,6 @@ class StatementTracker:
                 row_values=b"".join(v[0] for v in values) if values else None,
                 row_values_seen=sum(v[2] for v in values),
                 row_values_truncated=any(v[1] for v in values),
+                escape_strings=self.escape_strings,
             )
         )

@@ -122,11 +122,12 @@ class AuditSink:
         """Strict durability: call ``release`` on the loop once every event
         submitted so far is durable.  Called on the loop."""
         ticket = self.submitted
-        if self.written >= ticket:
-            release()
-            return
         self._holds.append((ticket, release))
         self._wake.set()
+        if self.written >= ticket:
+            # Acknowledged already, maybe between the test and the append
+            # (the ack thread saw no hold then): release on the loop now.
+            self._release_holds()
 
     def _release_holds(self) -> None:
         """On the loop: release the holds whose events are now durable."""

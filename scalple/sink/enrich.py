@@ -211,6 +211,7 @@ class Enricher:
                 catalog=catalog,
                 planned=analysis is not None and catalog is not None,
                 subjects=subjects,
+                escape_strings=event.escape_strings,
             )
             text, params, masked_fields = masked.query, masked.params, masked.masked_fields
             notes = notes + [note for note in masked.notes if note not in notes]

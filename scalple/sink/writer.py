@@ -12,6 +12,7 @@ soon as the store works again.  Nothing is lost without a trace.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -44,7 +45,12 @@ class RecordWriter:
         self.failed_writes = 0  # attempts that failed (either policy)
         self.lost = 0  # records given up (on_failure = "continue" only)
         self._lost_since: tuple[int, str, str] | None = None  # count, first ts, why
-        self.failing: str | None = None  # why the store cannot write, while it cannot
+        # Why appending, and why fsyncing, fails while it does: kept apart,
+        # since the loop appends and the syncer fsyncs, and one succeeding
+        # says nothing of the other.
+        self._write_failure: str | None = None
+        self._sync_failure: str | None = None
+        self._state_lock = threading.Lock()
         self._recent: set[tuple[object, ...]] | None = None  # built on the first resend
 
     def write(
@@ -70,22 +76,20 @@ class RecordWriter:
             records = kept
         while True:
             try:
-                if self._lost_since is not None:
-                    self.store.append([self._lost_marker()])
-                    self._lost_since = None
+                pending = self._lost_since
+                if pending is not None:
+                    self.store.append([self._lost_marker(pending)])
+                    self._reported(pending)
                 self.store.append(records)
             except StoreError as exc:
-                self._failed(str(exc), on_failing)
+                self._set_failure("write", str(exc), on_failing)
                 if self._continue:
                     self._lose(records, str(exc))
                     break
                 log.error("%s; %d records held, retrying", exc, len(records))
                 time.sleep(_RETRY_SECONDS)
                 continue
-            if self.failing is not None:
-                self.failing = None
-                log.warning("the audit log is writable again")
-                on_failing(None)
+            self._set_failure("write", None, on_failing)
             break
         counts: dict[str, int] = {}
         for event in batch:
@@ -94,23 +98,67 @@ class RecordWriter:
         return counts
 
     def sync(self, on_failing: Callable[[str | None], None]) -> None:
-        """fsync, retrying (block) or giving up loudly (continue)."""
+        """fsync, retrying (block) or giving up loudly (continue).
+
+        Giving up counts the records written since the last good fsync as
+        lost (after a failed fsync the kernel may have dropped them) and
+        queues a ``records_lost`` record saying so; they may yet be in the
+        log, but nothing may claim they are.
+        """
         while True:
+            at_risk = self.store.unsynced
             try:
                 self.store.sync()
-                return
             except StoreError as exc:
                 log.critical("%s", exc)
-                self._failed(str(exc), on_failing)
+                self._set_failure("sync", str(exc), on_failing)
                 if self._continue:
+                    self._lose_unsynced(at_risk, str(exc))
                     return
                 time.sleep(_RETRY_SECONDS)
+                continue
+            self._set_failure("sync", None, on_failing)
+            return
 
-    def _failed(self, reason: str, on_failing: Callable[[str | None], None]) -> None:
-        self.failed_writes += 1
-        if self.failing is None:
-            self.failing = reason
-            on_failing(reason)
+    @property
+    def failing(self) -> str | None:
+        """Why the store cannot write, while it cannot."""
+        return self._write_failure or self._sync_failure
+
+    def _set_failure(
+        self, what: str, reason: str | None, on_failing: Callable[[str | None], None]
+    ) -> None:
+        with self._state_lock:
+            before = self.failing
+            if reason is not None:
+                self.failed_writes += 1
+            if what == "write":
+                self._write_failure = reason
+            else:
+                self._sync_failure = reason
+            after = self.failing
+        if (before is None) != (after is None):
+            if after is None:
+                log.warning("the audit log is writable again")
+            on_failing(after)
+
+    def _lose_unsynced(self, count: int, reason: str) -> None:
+        if count <= 0:
+            return
+        with self._state_lock:
+            self.lost += count
+            first = rfc3339(time.time_ns())
+            if self._lost_since is None:
+                self._lost_since = (count, first, f"fsync failed: {reason}")
+            else:
+                total, since, why = self._lost_since
+                self._lost_since = (total + count, since, why)
+        log.critical(
+            "AUDIT RECORDS AT RISK: fsync failed (%s); %d records written since the last "
+            "good fsync may be lost ([log] on_failure = continue)",
+            reason,
+            count,
+        )
 
     def _stored_keys(self) -> set[tuple[object, ...]]:
         """What identifies the records of the newest two segments (a batch
@@ -127,16 +175,14 @@ class RecordWriter:
 
     def _lose(self, records: list[Record], reason: str) -> None:
         count = len(records)
-        self.lost += count
-        if self._lost_since is None:
-            self._lost_since = (
-                count,
-                records[0].ts if records else rfc3339(time.time_ns()),
-                reason,
-            )
-        else:
-            total, first, why = self._lost_since
-            self._lost_since = (total + count, first, why)
+        with self._state_lock:
+            self.lost += count
+            if self._lost_since is None:
+                first = records[0].ts if records else rfc3339(time.time_ns())
+                self._lost_since = (count, first, reason)
+            else:
+                total, since, why = self._lost_since
+                self._lost_since = (total + count, since, why)
         log.critical(
             "AUDIT RECORDS LOST: %d records could not be written (%s); %d lost so far "
             "([log] on_failure = continue)",
@@ -145,10 +191,18 @@ class RecordWriter:
             self.lost,
         )
 
-    def _lost_marker(self) -> SessionRecord:
+    def _reported(self, pending: tuple[int, str, str]) -> None:
+        """A marker for ``pending`` is written: keep only losses since."""
+        with self._state_lock:
+            current = self._lost_since
+            if current is pending:
+                self._lost_since = None
+            elif current is not None:
+                self._lost_since = (current[0] - pending[0], current[1], current[2])
+
+    def _lost_marker(self, pending: tuple[int, str, str]) -> SessionRecord:
         """The record that says how many records are missing, and since when."""
-        assert self._lost_since is not None
-        count, first, reason = self._lost_since
+        count, first, reason = pending
         return SessionRecord(
             kind="records_lost",
             ts=rfc3339(time.time_ns()),

@@ -526,10 +526,15 @@ class StoreWriter:
                 f"{path}: holds {tree.size} records but checkpoint says {latest.size}: "
                 "the log was cut below a signed checkpoint; run scalple verify"
             )
+        # What the previous process wrote may still be only in the page cache
+        # (it was killed, the machine was not): make it durable before it is
+        # counted as synced and signed.
         if end < len(data):
             self._quarantine(path, data[end:])
             os.ftruncate(fd, end)
-            os.fsync(fd)
+        os.fsync(fd)
+        _fsync_dir(self.dir)
+        if end < len(data):
             log.warning(
                 "recovered %s: cut a torn tail of %d bytes after record %d (kept as %s.torn-*)",
                 path.name,

@@ -32,6 +32,8 @@ NAME = ColumnRole("public.users.name", "pseudonym", None)
 USER_ID = ColumnRole("public.users.id", None, "customer")
 ORDER_USER = ColumnRole("public.orders.user_id", None, "customer")
 USERS = [USER_ID, EMAIL, PHONE, IBAN, NAME]
+# What a subject-only column gives a value that reaches it through an expression.
+USER_ID_HIDDEN = ColumnRole("public.users.id", "redact", None)
 
 RELATIONS = [
     Relation("public", "users", "table", ("id", "email", "phone", "iban", "name")),
@@ -126,7 +128,8 @@ COMPARISONS = [
     ("select 1 from users where email::text = 'c'", [("'c'", EMAIL)]),
     ("select 1 from users where id = '42'::int", [("'42'", USER_ID)]),
     ("select 1 from users where cast(id as text) = cast('42' as text)", [("'42'", USER_ID)]),
-    ("select 1 from users where lower(email) = lower('A@X')", []),  # lower() on the constant
+    # lower() on the constant: it reaches email through an expression (fail-closed).
+    ("select 1 from users where lower(email) = lower('A@X')", [("'A@X'", EMAIL)]),
     (
         "select 1 from users where lower(email) = 'a@x' and upper(name) = 'J'",
         [("'a@x'", EMAIL), ("'J'", NAME)],
@@ -145,10 +148,18 @@ COMPARISONS = [
         "select 1 from users where (id, email) in ((1, 'a'), (2, 'b'))",
         [("1,", USER_ID), ("'a'", EMAIL), ("2,", USER_ID), ("'b'", EMAIL)],
     ),
-    # Not a comparison with the column itself: nothing to attribute.
-    ("select 1 from users where length(email) = 5 and email || 'x' = 'yx'", []),
-    ("select 1 from users where coalesce(email, 'none') = 'a'", []),
+    # Through an expression around the column: fail-closed, everything it meets.
+    (
+        "select 1 from users where length(email) = 5 and email || 'x' = 'yx'",
+        [("5", EMAIL), ("'x'", EMAIL), ("'yx'", EMAIL)],
+    ),
+    (
+        "select 1 from users where coalesce(email, 'none') = 'a'",
+        [("'none'", EMAIL), ("'a'", EMAIL)],
+    ),
+    # Columns that are not configured: nothing to attribute.
     ("select 1 from orders where amount = 5 and id = 6", []),
+    ("select 1 from orders where amount + 1 = abs(-5) and id::text = lower('x')", []),
 ]
 
 
@@ -291,8 +302,10 @@ def test_parameters() -> None:
         8: EMAIL,
         9: USER_ID,
         10: USER_ID,
+        11: USER_ID_HIDDEN,  # $11 + 1 is not an id: hidden, not tagged
     }
-    assert result.literals == literals(sql, ("'+4'", PHONE))
+    plus_one = at(sql, "+ 1") + len("+ ")
+    assert result.literals == {**literals(sql, ("'+4'", PHONE)), plus_one: USER_ID_HIDDEN}
     insert = "insert into users (id, email) values ($1, $2), ($3, $4) returning id"
     result = plan(insert)
     assert result.params == {1: USER_ID, 2: EMAIL, 3: USER_ID, 4: EMAIL}
@@ -305,6 +318,206 @@ def test_a_parameter_meeting_two_columns_keeps_the_first() -> None:
     assert result.unresolved == [
         "$1 meets public.users.email and public.users.name; kept the first"
     ]
+
+
+# --------------------------------------------------------------------------- through expressions
+
+
+# (statement, expected constants as (token, role) / (token, occurrence, role), expected params)
+THROUGH: list[tuple[str, list[tuple[Any, ...]], dict[int, ColumnRole]]] = [
+    # The review's reproductions.
+    ("update users set email = trim($1)", [], {1: EMAIL}),
+    ("select * from users where email = lower($1)", [], {1: EMAIL}),
+    ("select 1 from users where lower(email) = lower('ANA@X.ORG')", [("'ANA", EMAIL)], {}),
+    ("update users set email = lower('ANA@X.ORG')", [("'ANA", EMAIL)], {}),
+    (
+        "update users set (email, phone) = (select 'ana@x.org', '0612345678')",
+        [("'ana", EMAIL), ("'061", PHONE)],
+        {},
+    ),
+    ("select 1 from users where email in (values ('ana@x.org'))", [("'ana", EMAIL)], {}),
+    ("select 1 from users where email = (select 'ana@x.org')", [("'ana", EMAIL)], {}),
+    ("select 1 from users where email = any(select 'ana@x.org')", [("'ana", EMAIL)], {}),
+    (
+        "select 1 from users where email = any(select x from (values ('ana@x.org')) v(x))",
+        [("'ana", EMAIL)],
+        {},
+    ),
+    (
+        "with v(e) as (values ('ana@x.org')) select 1 from users where email in (select e from v)",
+        [("'ana", EMAIL)],
+        {},
+    ),
+    ("insert into users (email) select x from (values ('ana@x.org')) v(x)", [("'ana", EMAIL)], {}),
+    ("select email from users union select 'bob@x.org'", [("'bob", EMAIL)], {}),
+    ("select $1 union all select email from users", [], {1: EMAIL}),
+    ("select 1 from users where to_json(email)::text = '\"ana@x.org\"'", [("'\"ana", EMAIL)], {}),
+    ("select coalesce(email, 'ana@x.org') from users", [("'ana", EMAIL)], {}),
+    (
+        "select 1 from users where coalesce(email, 'ana@x.org') = $1",
+        [("'ana", EMAIL)],
+        {1: EMAIL},
+    ),
+    ("select email || 'x' from users", [("'x'", EMAIL)], {}),
+    (
+        "select 1 from users where format('%s', 'ana@x.org') = email",
+        [("'%s'", EMAIL), ("'ana", EMAIL)],
+        {},
+    ),
+    (
+        "select greatest(email, 'ana@x.org'), least(name, $1) from users",
+        [("'ana", EMAIL)],
+        {1: NAME},
+    ),
+    ("select 1 from users where left(email, 3) = 'ana'", [("3", EMAIL), ("'ana'", EMAIL)], {}),
+    (
+        "select 1 from users where email = concat('ana', '@x.org')",
+        [("'ana'", EMAIL), ("'@x.org'", EMAIL)],
+        {},
+    ),
+    # Operators and functions that test the column without a comparison.
+    (
+        "select 1 from users where email % 'ana' or starts_with(name, $1) or phone ^@ '+33'",
+        [("'ana'", EMAIL), ("'+33'", PHONE)],
+        {1: NAME},
+    ),
+    # LIKE over a built pattern; the ESCAPE character is no value of the column.
+    (
+        "select 1 from users where name like '%' || $1 || '%' escape '!'",
+        [("'%'", NAME), ("'%'", 2, NAME)],
+        {1: NAME},
+    ),
+    # A function in FROM, a VALUES list joined in.
+    ("select 1 from users, unnest($1::text[]) as t(e) where email = t.e", [], {1: EMAIL}),
+    (
+        "select 1 from users u join (values ('a@x')) v(x) on u.email = v.x",
+        [("'a@x'", EMAIL)],
+        {},
+    ),
+    # Writes fed through expressions, sub-selects and VALUES.
+    ("update users set email = v.x from (values ('a@x')) v(x)", [("'a@x'", EMAIL)], {}),
+    (
+        "insert into users (email, name) values (lower('a@x'), $1 || ' ' || $2)",
+        [("'a@x'", EMAIL), ("' '", NAME)],
+        {1: NAME, 2: NAME},
+    ),
+    (
+        "with v(e) as (values ('a@x')) insert into users (email) values ((select e from v))",
+        [("'a@x'", EMAIL)],
+        {},
+    ),
+    (
+        "insert into users select * from (values (1, 'a@x')) v",
+        [("1,", USER_ID_HIDDEN), ("'a@x'", EMAIL)],
+        {},
+    ),
+    (
+        "insert into users (id, email) values (1, 'a') on conflict (id) "
+        "do update set email = lower($1)",
+        [("1,", USER_ID), ("'a'", EMAIL)],
+        {1: EMAIL},
+    ),
+    (
+        "merge into users t using orders s on t.id = s.user_id "
+        "when matched then update set name = upper($1) "
+        "when not matched then insert (id, email) values (s.user_id, lower('m@x'))",
+        [("'m@x'", EMAIL)],
+        {1: NAME},
+    ),
+    # CASE: WHEN values are compared with the subject, THEN/ELSE are alternatives.
+    (
+        "select case email when lower('a@x') then 1 end, "
+        "case when id > 0 then email else 'none@x' end from users",
+        [("'a@x'", EMAIL), ("0", USER_ID), ("'none@x'", EMAIL)],
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "constants", "params"), THROUGH, ids=[t[0] for t in THROUGH])
+def test_values_reaching_a_column_through_expressions(
+    sql: str, constants: list[tuple[Any, ...]], params: dict[int, ColumnRole]
+) -> None:
+    result = plan(sql)
+    assert result.literals == literals(sql, *constants)
+    assert result.params == params
+    # Every value reached through an expression is masked (USER_ID: a plain id, tagged).
+    roles = (*result.literals.values(), *result.params.values())
+    assert all(role.mask is not None for role in roles if role != USER_ID)
+
+
+def test_rows_pair_element_by_element_through_expressions() -> None:
+    sql = "select 1 from users where (id, email) in ((1, lower('a')), (2, $1))"
+    result = plan(sql)
+    assert result.literals == literals(sql, ("1,", USER_ID), ("'a'", EMAIL), ("2,", USER_ID))
+    assert result.params == {1: EMAIL}
+    for sub in (
+        "select 1 from users where (id, email) = (select 1, 'a')",
+        "select 1 from users where (id, email) in (select 1, 'a')",
+    ):
+        # Fed through a sub-select: not a plain id, so hidden rather than tagged.
+        assert plan(sub).literals == literals(sub, ("1,", USER_ID_HIDDEN), ("'a'", EMAIL))
+
+
+def test_subject_columns_through_expressions_are_hidden_not_tagged() -> None:
+    sql = "select 1 from users where id = abs($1) and id = $2 and id + 1 = 7"
+    result = plan(sql)
+    assert result.params == {1: USER_ID_HIDDEN, 2: USER_ID}
+    assert result.literals == literals(sql, ("1 =", USER_ID_HIDDEN), ("7", USER_ID_HIDDEN))
+    # Through an equality with a configured column, too.
+    joined = "select 1 from orders o join users u on u.id = o.user_id where o.user_id + 0 = $1"
+    assert plan(joined, subjects={"public.users.id": "customer"}).params == {1: USER_ID_HIDDEN}
+    # A plain value keeps its subject tag even if it also meets the column through more.
+    both = "select 1 from users where id = $1 and id = abs($1)"
+    assert plan(both).params == {1: USER_ID}
+
+
+def test_a_masked_role_displaces_an_unmasked_one() -> None:
+    """Fail-closed: a value that is also an email must not be logged as a bare id."""
+    result = plan("select 1 from users where id = $1 or email = $1")
+    assert result.params == {1: EMAIL}
+    assert result.unresolved == [
+        "$1 meets public.users.id and public.users.email; kept the masked one"
+    ]
+    result = plan("select 1 from users where email = $1 or id = abs($1)")
+    assert result.params == {1: EMAIL}
+    assert result.unresolved == ["$1 meets public.users.email and public.users.id; kept the first"]
+
+
+def test_values_next_to_widened_ones_are_unaffected() -> None:
+    sql = (
+        "with w(n) as (values (5)) "
+        "select o.amount * 2, 'label' from users u join orders o on o.user_id = u.id "
+        "where u.email = lower($1) and o.amount > 100 and o.amount = abs($2) "
+        "and left(u.name, 3) = 'Bob' and o.amount between 1 and $3 "
+        "and o.id in (select id from orders where amount < 7) "
+        "and o.amount in (select n from w) and coalesce(o.amount, 0) <> 9"
+    )
+    result = plan(sql)
+    assert result.params == {1: EMAIL}
+    assert result.literals == literals(sql, ("3)", NAME), ("'Bob'", NAME))
+    insert = "insert into orders (user_id, amount) values (7, abs(5)), (8, $1)"
+    result = plan(insert)
+    assert (result.literals, result.params) == (
+        literals(insert, ("7", ORDER_USER), ("8", ORDER_USER)),
+        {},
+    )
+
+
+def test_constants_in_a_sub_select_filter_are_not_followed() -> None:
+    """Documented limit: only what feeds the value is followed, not its filters."""
+    sql = (
+        "with v(e) as (values ('a@x'), ('b@x')) "
+        "select 1 from users where email = (select e from v where e <> 'c@x')"
+    )
+    assert plan(sql).literals == literals(sql, ("'a@x'", EMAIL), ("'b@x'", EMAIL))
+
+
+def test_view_definition_constants_are_never_reported() -> None:
+    """contacts is defined with ``phone || ''``: that constant is not in this text."""
+    sql = "select 1 from contacts where phone2 = $1 and mail = lower($2)"
+    result = plan(sql)
+    assert (result.literals, result.params) == ({}, {1: PHONE, 2: EMAIL})
 
 
 # --------------------------------------------------------------------------- result columns
@@ -389,7 +602,10 @@ def test_unknown_columns_stop_positions() -> None:
 
 def test_views_are_looked_through() -> None:
     sql = "select 1 from contacts where mail = 'm@x' and lname = 'l' and phone2 = 'p' and uid = 4"
-    assert plan(sql).literals == literals(sql, ("'m@x'", EMAIL), ("'l'", NAME), ("4", USER_ID))
+    # phone2 is ``phone || ''``: not phone's value, but made of it (fail-closed).
+    assert plan(sql).literals == literals(
+        sql, ("'m@x'", EMAIL), ("'l'", NAME), ("'p'", PHONE), ("4", USER_ID)
+    )
     # A view over a view over users.
     nested = "select 1 from active_users a where a.email like 'n%'"
     assert plan(nested).literals == literals(nested, ("'n%'", EMAIL))
@@ -421,7 +637,7 @@ def test_aliases_and_ambiguity() -> None:
     assert plan(sql).literals == literals(sql, ("'renamed@x'", EMAIL), ("1", 2, USER_ID))
     ambiguous = "select 1 from users, crm.users c where email = 'amb'"
     result = plan(ambiguous)
-    assert result.literals == {}
+    assert result.literals == literals(ambiguous, ("'amb'", EMAIL))  # either one: fail-closed
     assert result.unresolved == ["column reference email is ambiguous"]
 
 

@@ -182,3 +182,10 @@ def test_subject_ids_are_tagged_as_postgresql_prints_them() -> None:
         _, subjects = mask(f"select 1 from users where id = {literal}")
         tags.update(subjects.tags)
     assert tags == {MASKER.subject_tag("customer", "42")}
+
+
+def test_a_negative_subject_id_is_tagged_and_masked_with_its_sign() -> None:
+    result, subjects = mask("select 1 from users where id = -5")
+    tag = MASKER.subject_tag("customer", "-5")
+    assert list(subjects.tags) == [tag]
+    assert result.query == f"select 1 from users where id = '{tag}'"

@@ -28,6 +28,31 @@ What is recognised
     (...)``), ``ON CONFLICT DO UPDATE SET``, ``MERGE`` actions.  This happens at
     every query level: WHERE, JOIN ON, HAVING, subqueries, CTEs, DML.
 
+    Through expressions, fail-closed.  A constant that only *reaches* a column
+    through an expression is still a value of that column as far as the log is
+    concerned: ``email = lower($1)``, ``left(email, 3) = 'ana'``, ``email ||
+    'x' = 'yx'``, ``email % 'ana'`` all show part of an address.  So wherever
+    values meet a column (a comparison of any kind, an operator or function
+    applied to it, ``IN``/``= ANY`` over a sub-select, the alternatives of
+    ``COALESCE``/``GREATEST``/``LEAST``/``CASE`` results, an assignment, an
+    insertion, a set-operation column), every constant and ``$n`` anywhere in
+    the values that meet it gets the column's role, also those inside the
+    expression wrapped around the column itself.  "Anywhere" follows the
+    analyser's lineage, into which each constant and parameter is entered as a
+    pseudo-column of its own: through function arguments, casts, operators,
+    row and array constructors, sub-select target lists, VALUES lists, CTE and
+    derived-table columns, set operations, and functions in FROM.  Over-masking
+    (``length(email) = 5`` masks the 5) is accepted; leaking is not.  Such a
+    *widened* role keeps the column's mask but never its subject kind: the
+    value of ``lower('ANA')`` or ``id + 1`` is not the subject's id, so tagging
+    it would file the statement under the wrong subject.  A subject-only column
+    reached that way gives ``ColumnRole(column, "redact", None)``: the value is
+    hidden but not tagged.  A value that meets a column directly as well keeps
+    the direct role.  When one value meets several columns the first role is
+    kept, except that a role with a mask displaces one without (``id = $1 or
+    email = $1`` masks ``$1`` rather than only tagging it); either way the
+    conflict is noted in ``unresolved``.
+
     A column that is not configured itself but is equated (``=``, ``JOIN
     USING``) with a configured column anywhere in the statement lends it its
     role, so ``orders o JOIN users u ON u.id = o.user_id WHERE o.user_id = 42``
@@ -76,11 +101,14 @@ Byte offsets (``MaskingPlan.literals``)
 Limits (see also ``unresolved``)
     Without a catalog nothing is guessed: only columns of schema-qualified
     relations can match (``public.users``, not ``users``), ``*`` is not
-    expanded and views are not looked through.  Constants reach a column only
-    directly (not through ``coalesce``, ``||``, function arguments, ``CASE``
-    results, ``col IN (SELECT 'x')``, or a view's own predicates).  The
-    offsets are those of this exact text.  A plan reused for another text with
-    the same fingerprint is only right if the constants appear in the same
+    expanded and views are not looked through.  Through expressions, only
+    constants that feed the *value* are followed: one in a sub-select's WHERE
+    (``email = (select e from v where e <> 'b')``) is compared with ``e``, not
+    with ``email``, and is not attributed; nor are the outputs of a FROM
+    function whose columns are unknown, ``XMLTABLE`` or ``JSON_TABLE``.  A
+    constant merely listed next to a column (``select email, 'x'``) meets
+    nothing.  The offsets are those of this exact text.  A plan reused for
+    another text with the same fingerprint is only right if the constants appear in the same
     order and roles: the fingerprint also ignores whether a value is a constant
     or ``$n``, the order of ``AND``-ed conditions, of the select list, of an
     INSERT column list and of SET items.
@@ -96,6 +124,7 @@ from pglast import parser as pg_parser
 
 from scalple.analysis._errors import describe_parse_error
 from scalple.analysis._resolver import (
+    EMPTY,
     Analyzer,
     Lineage,
     Node,
@@ -130,6 +159,11 @@ _COMPARISONS: Final = frozenset(
 _PATTERN_FUNCTIONS: Final = frozenset({"like_escape", "similar_to_escape"})
 _TRANSPARENT_FUNCTIONS: Final = frozenset({"lower", "upper"})
 _VALUE_KEYS: Final = ("sval", "ival", "fval", "bsval")
+_LITERAL_LABEL: Final = "\x00literal"
+_PARAM_LABEL: Final = "\x00param"
+"""Pseudo-relations of the constants and parameters entered into lineages (see
+:meth:`_Planner._constant_lineage`); no relation label starts with a NUL."""
+_SLOT_LABELS: Final = frozenset({_LITERAL_LABEL, _PARAM_LABEL})
 _IDENT_BYTES: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_$")
 _NO_CATALOG: Final = (
     "no catalog: only columns of schema-qualified relations can be matched; "
@@ -202,6 +236,7 @@ class _Operand:
 
 Slot = tuple[bool, int]
 """``(True, byte offset)`` for a constant, ``(False, n)`` for ``$n``."""
+Observation = tuple[Slot, tuple[Chain, ...]]
 
 
 class _Planner(Analyzer):
@@ -213,7 +248,13 @@ class _Planner(Analyzer):
     ) -> None:
         super().__init__(catalog, view_stack=view_stack)
         self.sql = sql
-        self.observations: list[tuple[Slot, tuple[Chain, ...]]] = []
+        self.observations: list[Observation] = []
+        """A constant or parameter *is* a value of one of these chains' columns."""
+        self.widened: dict[Observation, None] = {}
+        """A constant or parameter reaches these chains' columns through an
+        expression (fail-closed: masked, never tagged as a subject)."""
+        self._wanted: set[int] = set()
+        self._captured: dict[int, Lineage] = {}
         self.parent: dict[Pair, Pair] = {}
         """Union-find over columns that are equated somewhere in the statement."""
         self._shapes: dict[int, _Shape] = {}
@@ -224,8 +265,14 @@ class _Planner(Analyzer):
                 "A_Expr": self._a_expr,
                 "CaseExpr": self._case_expr,
                 "CollateClause": self._collate,
+                "CoalesceExpr": self._alternatives,
+                "MinMaxExpr": self._alternatives,
             }
         )
+        if sql:  # not for a view definition: its constants are not in the text
+            self._expr_handlers.update(
+                {"A_Const": self._literal_expr, "ParamRef": self._param_expr}
+            )
 
     # -- the statement ------------------------------------------------------------------
 
@@ -307,6 +354,32 @@ class _Planner(Analyzer):
         else:
             self.observe(node, chains)
 
+    def widen(self, lineage: Lineage, chains: tuple[Chain, ...]) -> None:
+        """Every constant and parameter in ``lineage`` reaches ``chains``' columns."""
+        if chains:
+            for slot in _slots(lineage):
+                self.widened.setdefault((slot, chains), None)
+
+    def meet(self, *lineages: Lineage) -> None:
+        """These values meet (are compared, combined, alternatives of each other):
+        the constants and parameters among them reach every column among them."""
+        chains = tuple(dict.fromkeys(chain for lin in lineages for chain in _value_chains(lin)))
+        if chains:
+            for lineage in lineages:
+                self.widen(lineage, chains)
+
+    def _meet_operands(self, left: _Operand, right: _Operand) -> None:
+        """Like :meth:`meet`, element by element for two rows of the same length."""
+        if (
+            left.parts is not None
+            and right.parts is not None
+            and len(left.parts) == len(right.parts)
+        ):
+            for a, b in zip(left.parts, right.parts, strict=True):
+                self.meet(a, b)
+        else:
+            self.meet(left.lineage, right.lineage)
+
     def equate(self, chains: Iterable[Chain]) -> None:
         """Record that the columns of ``chains`` hold equal values."""
         first: Pair | None = None
@@ -336,6 +409,32 @@ class _Planner(Analyzer):
             self.parent[max(ra, rb)] = min(ra, rb)
 
     # -- expressions --------------------------------------------------------------------
+
+    def expr(self, node: Any, scope: _Scope) -> Lineage:
+        lineage = super().expr(node, scope)
+        if self._wanted and id(node) in self._wanted:
+            self._captured[id(node)] = lineage
+        return lineage
+
+    def _capture(self, nodes: Iterable[Any]) -> list[int]:
+        """Ask :meth:`expr` to keep the lineage of ``nodes`` when the analyser
+        evaluates them (it computes it and throws it away); :meth:`_release` hands
+        it back.  Evaluating them a second time instead would record every note,
+        call and observation twice."""
+        ids = [id(node) for node in nodes if isinstance(node, dict)]
+        self._wanted.update(ids)
+        return ids
+
+    def _release(self, ids: list[int]) -> dict[int, Lineage]:
+        captured = {i: self._captured.pop(i) for i in ids if i in self._captured}
+        self._wanted.difference_update(ids)
+        return captured
+
+    def _literal_expr(self, body: Node, scope: _Scope) -> Lineage:
+        return self._constant_lineage({"A_Const": body})
+
+    def _param_expr(self, body: Node, scope: _Scope) -> Lineage:
+        return self._constant_lineage({"ParamRef": body})
 
     def _column_ref_expr(self, body: Node, scope: _Scope) -> Lineage:
         lineage = super()._column_ref_expr(body, scope)
@@ -393,24 +492,64 @@ class _Planner(Analyzer):
         ):
             self.function_called(parts)
             return self.expr(args[0], scope)  # lower(email) is treated as email
-        return super()._func_call(body, scope)
+        lineage = super()._func_call(body, scope)
+        self.meet(lineage)  # left(email, 3), starts_with(email, 'ana'): the 3 and 'ana' too
+        return lineage
+
+    def _alternatives(self, body: Node, scope: _Scope) -> Lineage:
+        """``COALESCE``/``GREATEST``/``LEAST``: each argument may be the value."""
+        args = [self.expr(arg, scope) for arg in body.get("args") or ()]
+        self.meet(*args)
+        return _union(args)
+
+    def _sublink(self, body: Node, scope: _Scope) -> Lineage:
+        """``col IN (SELECT ...)``, ``col = ANY (SELECT ...)``, ``(a, b) = (SELECT ...)``:
+        the tested value meets the sub-select's output, column by column for a row."""
+        shape = self.query_shape(body.get("subselect") or {}, scope)
+        test_node = body.get("testexpr")
+        test = self._operand(test_node, scope)
+        if body.get("subLinkType") == "EXISTS_SUBLINK":
+            return test.lineage
+        output = _union(col.lineage for col in shape.columns)
+        if test_node is not None:
+            self._meet_operands(test, _Operand(output, self._positions(shape)))
+        return test.lineage | output
+
+    def _positions(self, shape: _Shape) -> list[Lineage] | None:
+        """A sub-select's output column by column, if every position is known."""
+        if shape.open or self.barrier(shape) < len(shape.columns):
+            return None
+        return [col.lineage for col in shape.columns]
 
     def _operand(self, node: Any, scope: _Scope) -> _Operand:
         if isinstance(node, dict) and "RowExpr" in node:
             parts = [self.expr(arg, scope) for arg in node["RowExpr"].get("args") or ()]
             return _Operand(_union(parts), parts)
-        return _Operand(self.expr(node, scope), None)
+        lineage = self.expr(node, scope)
+        sub = node.get("SubLink") if isinstance(node, dict) else None
+        if isinstance(sub, dict) and sub.get("subLinkType") == "EXPR_SUBLINK":
+            # ``(a, b) = (SELECT x, y ...)`` is this, not a row comparison, in the raw tree.
+            shape = self._shapes.get(id((sub.get("subselect") or {}).get("SelectStmt")))
+            if shape is not None and len(shape.columns) > 1:
+                return _Operand(lineage, self._positions(shape))
+        return _Operand(lineage, None)
 
     def _a_expr(self, body: Node, scope: _Scope) -> Lineage:
         kind = str(body.get("kind", ""))
         lnode, rnode = body.get("lexpr"), body.get("rexpr")
         left = self._operand(lnode, scope)
-        right = self._operand(rnode, scope)
+        items = _list_items(rnode) if kind == "AEXPR_IN" else []
+        if items:  # each IN item on its own, so that rows pair element by element
+            right_items = [self._operand(item, scope) for item in items]
+            right = _Operand(_union(r.lineage for r in right_items), None)
+        else:
+            right_items = []
+            right = self._operand(rnode, scope)
         names = _strings(body.get("name"))
         op = names[-1] if names else ""
         if lnode is None:
-            pass  # prefix operator
-        elif kind in ("AEXPR_DISTINCT", "AEXPR_NOT_DISTINCT", "AEXPR_NULLIF") or (
+            return right.lineage  # prefix operator: nothing meets
+        if kind in ("AEXPR_DISTINCT", "AEXPR_NOT_DISTINCT", "AEXPR_NULLIF") or (
             kind == "AEXPR_OP" and op in _COMPARISONS
         ):
             self._compare(left, rnode)
@@ -425,13 +564,35 @@ class _Planner(Analyzer):
         elif kind in ("AEXPR_LIKE", "AEXPR_ILIKE", "AEXPR_SIMILAR"):
             if isinstance(left.lineage, _Plain):
                 self.observe(_pattern(rnode), left.lineage.chains)
+            escape = _escape(rnode)
+            if escape is not None:  # the ESCAPE character is no value of the column
+                dropped = self._constant_lineage(escape)
+                right = _Operand(right.lineage - dropped, None)
         elif kind == "AEXPR_IN":
-            for item in _list_items(rnode):
+            for item in items:
                 self._compare(left, item)
+            for item_operand in right_items:
+                self._meet_operands(left, item_operand)
+            return left.lineage | right.lineage
         elif "BETWEEN" in kind and isinstance(left.lineage, _Plain):
             for item in _list_items(rnode):
                 self.observe(item, left.lineage.chains)
+        # Whatever the operator (=, ||, %, @>, ...), its operands meet.
+        self._meet_operands(left, right)
         return left.lineage | right.lineage
+
+    def _constant_lineage(self, node: Any) -> Lineage:
+        """A constant or ``$n`` as a pseudo-column of its own, for lineages.
+
+        The analyser then carries it wherever it carries columns (function
+        arguments, CTE and subquery columns, VALUES, set operations), so where a
+        value ends up compared with or written to a column, the constants it is
+        made of are known, without a second walk that could follow less.
+        """
+        slot = self._slot(node)
+        if slot is None or not self.sql:
+            return EMPTY
+        return frozenset({(_LITERAL_LABEL if slot[0] else _PARAM_LABEL, str(slot[1]))})
 
     def _compare(self, column: _Operand, value: Any) -> None:
         """``column`` is compared with ``value``: attribute the value if it is a constant."""
@@ -457,39 +618,64 @@ class _Planner(Analyzer):
                 self.equate(a.chains + b.chains)
 
     def _case_expr(self, body: Node, scope: _Scope) -> Lineage:
-        """``CASE col WHEN 'x' THEN ...`` compares ``col`` with each WHEN value."""
-        subject = self.expr(body.get("arg"), scope)
-        whens = body.get("args") or []
-        if isinstance(subject, _Plain):
-            for item in whens:
-                self.observe(_unwrap(item, "CaseWhen").get("expr"), subject.chains)
-        return subject | self.expr(whens, scope) | self.expr(body.get("defresult"), scope)
+        """``CASE col WHEN 'x' THEN ...`` compares ``col`` with each WHEN value; the
+        THEN and ELSE results are alternatives of one value, like COALESCE's."""
+        arg = body.get("arg")
+        subject = self.expr(arg, scope)
+        conditions: list[Lineage] = []
+        results: list[Lineage] = []
+        for item in body.get("args") or []:
+            when = _unwrap(item, "CaseWhen")
+            condition = self.expr(when.get("expr"), scope)
+            if isinstance(subject, _Plain):
+                self.observe(when.get("expr"), subject.chains)
+            if arg is not None:
+                self.meet(subject, condition)
+            conditions.append(condition)
+            results.append(self.expr(when.get("result"), scope))
+        results.append(self.expr(body.get("defresult"), scope))
+        self.meet(*results)
+        return subject | _union(conditions) | _union(results)
 
     # -- assignments --------------------------------------------------------------------
 
     def insert(self, body: Node, parent: _Scope | None, *, touch: bool) -> _Shape:
+        """Each written value meets its target column: a plain constant directly,
+        and whatever a computed one is made of (captured while the analyser
+        evaluates it, or through the source query's shape) fail-closed."""
+        select = body.get("selectStmt")
+        source = _unwrap(select, "SelectStmt") if isinstance(select, dict) else None
+        rows = list(_rows(source)) if source is not None else []
+        wanted = self._capture(value for row in rows for value in row)
         shape = super().insert(body, parent, touch=touch)
+        captured = self._release(wanted)
         target = self._target(body)
         names = [str(_unwrap(c, "ResTarget").get("name", "")) for c in body.get("cols") or ()]
         columns = self._target_columns(target, names)
-        select = body.get("selectStmt")
-        if columns and select:
-            for row in _rows(_unwrap(select, "SelectStmt")):
-                self._assign_row(columns, row)
+        if columns and source is not None:
+            for row in rows:
+                self._assign_row(columns, row, captured)
+            fed = self._shapes.get(id(source))
+            if fed is not None:  # positions a * or a subquery makes: by the source's shape
+                self._assign_shape(columns, fed)
         return shape
 
     def merge(self, body: Node, parent: _Scope | None, *, touch: bool) -> _Shape:
+        clauses = [
+            _unwrap(clause_node, "MergeWhenClause")
+            for clause_node in body.get("mergeWhenClauses") or ()
+        ]
+        inserts = [c for c in clauses if c.get("commandType") == "CMD_INSERT" and c.get("values")]
+        wanted = self._capture(value for clause in inserts for value in clause["values"])
         shape = super().merge(body, parent, touch=touch)
+        captured = self._release(wanted)
         target: _Rte | None = None
-        for clause_node in body.get("mergeWhenClauses") or ():
-            clause = _unwrap(clause_node, "MergeWhenClause")
-            if clause.get("commandType") != "CMD_INSERT" or not clause.get("values"):
-                continue
+        for clause in inserts:
             target = target or self._target(body)
             names = [
                 str(_unwrap(t, "ResTarget").get("name", "")) for t in clause.get("targetList") or ()
             ]
-            self._assign_row(self._target_columns(target, names), clause["values"])
+            self._assign_row(self._target_columns(target, names), clause["values"], captured)
         return shape
 
     def _target(self, body: Node) -> _Rte:
@@ -506,13 +692,40 @@ class _Planner(Analyzer):
             return [_col_chains(col) for col in target.columns]
         return []
 
-    def _assign_row(self, columns: list[tuple[Chain, ...] | None], values: list[Any]) -> None:
+    def _assign_row(
+        self,
+        columns: list[tuple[Chain, ...] | None],
+        values: list[Any],
+        captured: Mapping[int, Lineage],
+    ) -> None:
+        """One row written to ``columns``: each value, and whatever it is made of."""
         for chains, value in zip(columns, values, strict=False):
             if chains:
                 self.observe(value, chains)
+                self.widen(captured.get(id(value), EMPTY), chains)
+
+    def _assign_shape(self, columns: list[tuple[Chain, ...] | None], shape: _Shape) -> None:
+        """An INSERT source's output written to ``columns`` by position; past the
+        last known position, every later value may land in any later column."""
+        known = self.barrier(shape)
+        rest = tuple(dict.fromkeys(c for chains in columns[known:] if chains for c in chains))
+        for i, col in enumerate(shape.columns):
+            if i >= known:
+                self.widen(col.lineage, rest)
+            elif i < len(columns):
+                self.widen(col.lineage, columns[i] or ())
+
+    def _column_at(self, shape: _Shape, index: int) -> Lineage:
+        """Output ``index`` of a sub-select; all of them from an unknown position on."""
+        known = self.barrier(shape)
+        if index < known and index < len(shape.columns) and not shape.open:
+            return shape.columns[index].lineage
+        return _union(col.lineage for col in shape.columns[min(index, known) :])
 
     def _set_list(self, targets: list[Node] | None, target: _Rte, scope: _Scope) -> None:
-        super()._set_list(targets, target, scope)
+        """``SET col = value``, like an INSERT row; ``SET (a, b) = (SELECT ...)``
+        takes column ``colno`` of the sub-select, which the tree repeats per item."""
+        assigned: list[tuple[str, Any, bool]] = []  # (column, value, from a sub-select)
         for item in targets or ():
             res = _unwrap(item, "ResTarget")
             name, value = res.get("name"), res.get("val")
@@ -521,14 +734,32 @@ class _Planner(Analyzer):
             multi = value.get("MultiAssignRef")
             if multi is not None:  # SET (a, b) = (1, 2): this is column ``colno`` of the row
                 source = multi.get("source") or {}
-                args = source.get("RowExpr", {}).get("args") or []
                 colno = multi.get("colno")
-                if not isinstance(colno, int) or not 0 < colno <= len(args):
+                if not isinstance(colno, int) or colno < 1:
+                    continue
+                if "RowExpr" not in source:  # SET (a, b) = (SELECT ...): resolved below
+                    assigned.append((str(name), multi, True))
+                    continue
+                args = source["RowExpr"].get("args") or []
+                if colno > len(args):
                     continue
                 value = args[colno - 1]
-            chains = _rte_chains(target, str(name))
-            if chains:
-                self.observe(value, chains)
+            assigned.append((str(name), value, False))
+        wanted = self._capture(value for _name, value, sub in assigned if not sub)
+        super()._set_list(targets, target, scope)
+        captured = self._release(wanted)
+        for name, value, sub in assigned:
+            chains = _rte_chains(target, name)
+            if not chains:
+                continue
+            if sub:
+                subselect = _unwrap(value["source"], "SubLink").get("subselect") or {}
+                fed = self._shapes.get(id(subselect.get("SelectStmt")))
+                if fed is not None:
+                    self.widen(self._column_at(fed, int(value["colno"]) - 1), chains)
+                continue
+            self.observe(value, chains)
+            self.widen(captured.get(id(value), EMPTY), chains)
 
     # -- relations and columns ----------------------------------------------------------
 
@@ -555,6 +786,21 @@ class _Planner(Analyzer):
         if rel is None or rel.kind != "matview" or rel.definition is None:
             return None
         return self._view_chains(rel)
+
+    def _range_function(self, body: Node, level: _Scope) -> None:
+        """A function in FROM: its columns carry what its arguments are made of
+        (``unnest($1::text[]) AS t(e) ... WHERE email = t.e``), fail-closed."""
+        calls = [
+            (entry.get("List", {}).get("items") or [None])[0]
+            for entry in body.get("functions") or ()
+        ]
+        wanted = self._capture(calls)
+        before = len(level.items)
+        super()._range_function(body, level)
+        fed = _union(self._release(wanted).values())
+        if fed and len(level.items) > before:
+            for col in level.items[-1].columns:
+                col.lineage = col.lineage | fed
 
     def view_columns(self, rel: Relation) -> list[_Col]:
         columns = super().view_columns(rel)
@@ -627,8 +873,11 @@ class _Planner(Analyzer):
                     chains += _col_chains(side.columns[i]) or ()
             if chains:
                 col.lineage = _Plain(col.lineage, chains)
+            if i < barrier:  # the same column: a constant in one branch is its value
+                self.meet(col.lineage)
         if barrier < len(shape.columns):
             self._set_barrier(shape.columns, barrier)
+            self.meet(*(col.lineage for col in shape.columns[barrier:]))
         return shape
 
     def _target_entry(
@@ -784,6 +1033,31 @@ def _pattern(node: Any) -> Any:
     return node
 
 
+def _escape(node: Any) -> Any:
+    """The ``ESCAPE`` character of LIKE/SIMILAR TO, or None."""
+    if isinstance(node, dict) and "FuncCall" in node:
+        call = node["FuncCall"]
+        parts = _strings(call.get("funcname"))
+        args = call.get("args") or []
+        if parts and parts[-1] in _PATTERN_FUNCTIONS and len(args) >= 2:
+            return args[1]
+    return None
+
+
+def _slots(lineage: Lineage) -> list[Slot]:
+    """The constants and parameters entered into ``lineage``, in a stable order."""
+    return sorted((rel == _LITERAL_LABEL, int(col)) for rel, col in lineage if rel in _SLOT_LABELS)
+
+
+def _value_chains(lineage: Lineage) -> tuple[Chain, ...]:
+    """Chains of the columns a value is or is computed from: a plain value's own
+    chains (outermost first), then every other column of its lineage alone."""
+    chains: tuple[Chain, ...] = lineage.chains if isinstance(lineage, _Plain) else ()
+    seen = {pair for chain in chains for pair in chain}
+    others = sorted(p for p in lineage if p[0] not in _SLOT_LABELS and p not in seen)
+    return chains + tuple((pair,) for pair in others)
+
+
 def _list_items(node: Any) -> list[Any]:
     if isinstance(node, dict) and "List" in node:
         return list(node["List"].get("items") or ())
@@ -858,6 +1132,26 @@ def _configured(
     return roles, notes
 
 
+def _keep(
+    target: dict[int, ColumnRole],
+    is_literal: bool,
+    key: int,
+    role: ColumnRole,
+    conflicts: dict[str, None],
+) -> None:
+    """Record ``role`` for a value: the first one stays, unless it has no mask
+    and this one has (fail-closed); a differing role is noted either way."""
+    kept = target.setdefault(key, role)
+    if (role.mask, role.subject) == (kept.mask, kept.subject):
+        return
+    what = f"the constant at byte {key}" if is_literal else f"${key}"
+    if kept.mask is None and role.mask is not None:
+        target[key] = role
+        conflicts[f"{what} meets {kept.column} and {role.column}; kept the masked one"] = None
+    else:
+        conflicts[f"{what} meets {kept.column} and {role.column}; kept the first"] = None
+
+
 class _Roles:
     """Turns chains into roles: directly, or through equated columns."""
 
@@ -877,6 +1171,20 @@ class _Roles:
                         found.append(role)
                     break
         return found
+
+    def widened(self, chains: tuple[Chain, ...]) -> ColumnRole | None:
+        """The role of a value that reaches ``chains`` through an expression.
+
+        A configured column with a mask wins over one without; the role keeps
+        the mask but not the subject kind (the module docstring says why), and a
+        subject-only column gives ``redact``.
+        """
+        found = self.direct(chains)
+        masked = [role for role in found if role.mask is not None]
+        role = masked[0] if masked else found[0] if found else self.equated(chains)
+        if role is None:
+            return None
+        return ColumnRole(role.column, role.mask or "redact", None)
 
     def equated(self, chains: tuple[Chain, ...]) -> ColumnRole | None:
         if self._classes is None:
@@ -940,21 +1248,33 @@ def plan_masking(
 
 
 def _fill(plan: MaskingPlan, planner: _Planner, shape: _Shape | None, roles: _Roles) -> None:
-    """Resolve the observations into roles (first one wins) and the result columns."""
+    """Resolve the observations into roles and the result columns.
+
+    Direct observations first, then the widened ones (which only add what the
+    direct ones did not decide).  The first role kept for a value stays, except
+    that one with a mask displaces one without: a value that is also a PII
+    column's value must not be logged as it is (see :func:`_keep`).
+    """
     if planner.catalog is None and planner.tables:
         plan.unresolved.append(_NO_CATALOG)
     conflicts: dict[str, None] = {}
-    for (is_literal, key), chains in planner.observations:
+    direct: dict[Slot, set[str]] = {}
+    for slot, chains in planner.observations:
         found = roles.direct(chains)
-        role = found[0] if found else roles.equated(chains)
-        if role is None:
-            continue
+        if not found:
+            equated = roles.equated(chains)
+            found = [equated] if equated is not None else []
+        is_literal, key = slot
         target = plan.literals if is_literal else plan.params
-        kept = target.setdefault(key, role)
-        for other in (role, *found[1:]):
-            if (other.mask, other.subject) != (kept.mask, kept.subject):
-                what = f"the constant at byte {key}" if is_literal else f"${key}"
-                conflicts[f"{what} meets {kept.column} and {other.column}; kept the first"] = None
+        for role in found:
+            direct.setdefault(slot, set()).add(role.column)
+            _keep(target, is_literal, key, role, conflicts)
+    for slot, chains in planner.widened:
+        widened = roles.widened(chains)
+        if widened is None or widened.column in direct.get(slot, ()):
+            continue  # a plain value of that column: its direct role (and subject tag) decides
+        is_literal, key = slot
+        _keep(plan.literals if is_literal else plan.params, is_literal, key, widened, conflicts)
     if shape is not None:
         barrier = planner.barrier(shape)
         for position, col in enumerate(shape.columns[:barrier]):

@@ -87,6 +87,7 @@ class _Shape(msgspec.Struct):
     params: dict[int, ColumnRole]
     output: dict[int, ColumnRole]
     notes: list[str]
+    signs: dict[int, int] = {}  # ordinal -> bytes back to a folded minus sign
 
 
 _EMPTY_SHAPE: Final = _Shape({}, {}, {}, [])
@@ -154,15 +155,21 @@ class StatementMasker:
             starts = [start for start, _end, _kind in tokens]
             ordinal = {start: i for i, start in enumerate(starts)}
             literals: dict[int, ColumnRole] = {}
+            signs: dict[int, int] = {}
             for offset, role in plan.literals.items():
                 index = ordinal.get(offset)
                 if index is None and data[offset : offset + 1] == b"-":
-                    # A folded negative number: the literal after the sign.
+                    # A folded negative number (-5, - 5): the literal after
+                    # the sign, masked and tagged with its sign.
                     after = bisect.bisect_right(starts, offset)
-                    index = after if after < len(starts) else None
+                    if after < len(starts):
+                        index = after
+                        signs[after] = starts[after] - offset
                 if index is not None:
                     literals[index] = role
-            shape = _Shape(literals, dict(plan.params), dict(plan.output), list(plan.unresolved))
+            shape = _Shape(
+                literals, dict(plan.params), dict(plan.output), list(plan.unresolved), signs
+            )
         shapes[key] = shape
         if len(shapes) > _PLAN_CACHE_SIZE:
             shapes.popitem(last=False)
@@ -213,7 +220,12 @@ class StatementMasker:
         pieces: list[bytes] = []
         position = 0
         for ordinal, (start, end, kind) in enumerate(tokens):
-            role = shape.literals.get(ordinal) if shape is not None else None
+            role = None
+            if shape is not None:
+                role = shape.literals.get(ordinal)
+                back = shape.signs.get(ordinal)
+                if role is not None and back is not None and start - back >= position:
+                    start -= back  # the sign belongs to the value
             replacement = self._replace(
                 data, start, end, kind, role, fail_safe, masked_fields, subjects
             )
@@ -246,7 +258,11 @@ class StatementMasker:
             if fail_safe or self.literals == "all":
                 return mask_literal_token(kind, data[start:end], _REDACTED)
             return None
-        value = literal_text(data, start, end, kind)
+        if data[start : start + 1] == b"-":
+            digits = data[start + 1 : end].lstrip()  # after the sign: the number token
+            value = "-" + literal_text(digits, 0, len(digits), kind)
+        else:
+            value = literal_text(data, start, end, kind)
         masked = self._role_value(role, value, masked_fields, subjects)
         if masked is None:
             return None

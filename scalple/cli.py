@@ -273,7 +273,6 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
 
 def _cmd_subject_tag(args: argparse.Namespace) -> int:
     from scalple.masking.masks import Masker, key_from_file
-    from scalple.masking.statement import canonical_subject_value
 
     config = load_config(args.config)
     kinds = sorted(set(config.subjects.values()))
@@ -283,7 +282,7 @@ def _cmd_subject_tag(args: argparse.Namespace) -> int:
         return 2
     assert config.masking.key_file is not None  # required by [subjects]; checked at load
     masker = Masker(key_from_file(config.masking.key_file))
-    print(masker.subject_tag(args.kind, canonical_subject_value(args.id)))
+    print(masker.subject_tag(args.kind, args.id))
     return 0
 
 

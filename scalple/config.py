@@ -118,7 +118,7 @@ class MaskingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[masking]``: the key of pseudonyms and subject tags, and bounds."""
 
     key_file: str | None = None
-    subjects_limit: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    subjects_limit: Annotated[int, msgspec.Meta(ge=0)] = 1_000
 
 
 Mask = Literal["email", "partial", "redact", "pseudonym"]

@@ -176,12 +176,15 @@ def test_parameters_of_a_statement_never_seen_are_masked() -> None:
 
 
 def test_subject_ids_are_tagged_as_postgresql_prints_them() -> None:
-    """'042', ' 42 ' and 42.0 name the same customer as the row value 42."""
+    """042 and 42.0 name the same customer as the row value 42; a string
+    '042' may be a text id of its own and is left as written."""
     tags = set()
-    for literal in ("42", "042", "' 42 '", "42.0"):
+    for literal in ("42", "042", "42.0", "-0"):
         _, subjects = mask(f"select 1 from users where id = {literal}")
         tags.update(subjects.tags)
-    assert tags == {MASKER.subject_tag("customer", "42")}
+    assert tags == {MASKER.subject_tag("customer", "42"), MASKER.subject_tag("customer", "0")}
+    _, text_id = mask("select 1 from users where id = '042'")
+    assert list(text_id.tags) == [MASKER.subject_tag("customer", "042")]
 
 
 def test_a_negative_subject_id_is_tagged_and_masked_with_its_sign() -> None:

@@ -18,7 +18,6 @@ import msgspec
 
 from scalple._wire import unpack_row_values
 from scalple.analysis.catalog import Catalog, parse_identifier_list
-from scalple.masking.statement import canonical_subject_value
 from scalple.records import format_param
 
 __all__ = ["SubjectColumns", "row_subject_columns", "row_subject_values", "subject_kinds"]
@@ -71,5 +70,5 @@ def row_subject_values(packed: bytes, kinds: list[str]) -> list[tuple[str, str]]
             text = raw.decode("utf-8", "replace")
         else:
             text = format_param(bytearray(raw), type_oid) or ""
-        values.append((kinds[index], canonical_subject_value(text)))
+        values.append((kinds[index], text))
     return values

@@ -23,13 +23,13 @@ from typing import Final, Literal
 
 import msgspec
 
-from scalple._wire import literal_text, scan_literals
+from scalple._wire import LIT_NUMBER, literal_text, scan_literals
 from scalple.analysis.catalog import Catalog
 from scalple.logsafe import where
 from scalple.masking.masks import Masker, mask_literal_token
 from scalple.masking.plan import ColumnRole, plan_masking
 
-__all__ = ["MaskedStatement", "StatementMasker", "SubjectSet", "canonical_subject_value"]
+__all__ = ["MaskedStatement", "StatementMasker", "SubjectSet", "canonical_number"]
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,23 @@ _OPAQUE: Final = re.compile(
 class SubjectSet:
     """The data subjects of one statement, bounded."""
 
-    __slots__ = ("count", "kinds", "limit", "tags", "truncated")
+    __slots__ = ("_seen", "kinds", "limit", "tags", "truncated")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.tags: dict[str, None] = {}  # insertion-ordered set
+        self.tags: dict[str, None] = {}  # insertion-ordered set, at most ``limit``
+        self._seen: set[str] = set()  # every distinct tag (what gets here is bounded)
         self.kinds: set[str] = set()
-        self.count = 0
         self.truncated = False
 
+    @property
+    def count(self) -> int:
+        return len(self._seen)
+
     def add(self, tag: str, kind: str) -> None:
-        if tag in self.tags:
+        if tag in self._seen:
             return
-        self.count += 1
+        self._seen.add(tag)
         self.kinds.add(kind)
         if len(self.tags) < self.limit:
             self.tags[tag] = None
@@ -263,6 +267,8 @@ class StatementMasker:
             value = "-" + literal_text(digits, 0, len(digits), kind)
         else:
             value = literal_text(data, start, end, kind)
+        if kind == LIT_NUMBER:
+            value = canonical_number(value)
         masked = self._role_value(role, value, masked_fields, subjects)
         if masked is None:
             return None
@@ -290,7 +296,7 @@ class StatementMasker:
         masker = self.masker
         tag: str | None = None
         if role.subject is not None and masker is not None:
-            tag = masker.subject_tag(role.subject, canonical_subject_value(value))
+            tag = masker.subject_tag(role.subject, value)
             subjects.add(tag, role.subject)
         if role.mask is not None:
             masked = _REDACTED if masker is None else masker.mask(role.mask, value)
@@ -425,22 +431,16 @@ def _array_quote(element: str) -> str:
     return '"' + element.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-_INTEGER: Final = re.compile(r"\A\s*([+-]?)0*(\d+)(?:\.0*)?\s*\Z")
-_UUID: Final = re.compile(r"\A\s*\{?([0-9A-Fa-f-]{32,36})\}?\s*\Z")
+_INTEGER: Final = re.compile(r"\A([+-]?)0*(\d+)(?:\.0*)?\Z")
 
 
-def canonical_subject_value(value: str) -> str:
-    """A subject id as PostgreSQL prints the stored value, so that the
-    literals ``042``, `` 42 ``, ``42.0`` and the row value ``42`` share one
-    tag (and so do a UUID in capitals or braces and its stored form)."""
+def canonical_number(value: str) -> str:
+    """A numeric constant as PostgreSQL prints the integer it stands for
+    (``042``, ``42.0`` -> ``42``), so that a subject named by a constant
+    and the same subject read from a result row share one tag.  Only
+    number tokens get this: ``'042'`` may be a text id of its own."""
     number = _INTEGER.match(value)
-    if number is not None:
-        digits = number.group(2)
-        return ("-" if number.group(1) == "-" and digits.strip("0") else "") + digits
-    uuid = _UUID.match(value)
-    if uuid is not None:
-        hexdigits = uuid.group(1).replace("-", "").lower()
-        if len(hexdigits) == 32:
-            h = hexdigits
-            return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-    return value
+    if number is None:
+        return value
+    digits = number.group(2)
+    return ("-" if number.group(1) == "-" and digits.strip("0") else "") + digits

@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from scalple.config import Config
+from scalple.events import StatementEvent
 from scalple.logsafe import where
 from scalple.masking.rows import SubjectColumns
 from scalple.sink.base import Event
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 _CONTEXT = multiprocessing.get_context("spawn")  # never fork a process with threads
 _START_TIMEOUT = 120.0  # recovery scans at most the newest segment
 _RESTART_DELAY = 1.0
+_MAX_ROW_BYTES = 64 << 20  # subject values from result rows in flight, at most
 
 
 class AuditLogUnavailable(RuntimeError):
@@ -56,6 +58,9 @@ class AuditSink:
         self._interval = config.log.flush_interval
         self._unacked: deque[list[Event]] = deque()
         self._unacked_events = 0
+        # Each counter has one writing thread (loop, ack reader): no lock.
+        self._row_bytes_in = 0
+        self._row_bytes_out = 0
         self._lock = threading.Lock()  # guards _unacked between handoff and ack threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_congested: Callable[[], None] = _nothing
@@ -98,6 +103,12 @@ class AuditSink:
         self.submitted += 1
         if len(pending) >= self._max_pending and not self.congested:
             self._congest(f"{len(pending)} events not yet handed to the audit worker")
+        if type(event) is StatementEvent and event.row_values:
+            # Subject values from result rows make some events large: bound
+            # the bytes in flight as well as the number of events.
+            self._row_bytes_in += len(event.row_values)
+            if self.row_bytes_pending >= _MAX_ROW_BYTES and not self.congested:
+                self._congest(f"{self.row_bytes_pending} bytes of subject values in flight")
 
     def notify(
         self,
@@ -140,6 +151,11 @@ class AuditSink:
                 release()
             except Exception as exc:
                 log.error("releasing a held completion failed (%s)", where(exc))
+
+    @property
+    def row_bytes_pending(self) -> int:
+        """Bytes of result-row subject values submitted and not yet written."""
+        return self._row_bytes_in - self._row_bytes_out
 
     @property
     def pending(self) -> int:
@@ -267,10 +283,14 @@ class AuditSink:
         if not ack.batches:
             return
         events = 0
+        row_bytes = 0
         with self._lock:
             for _ in range(ack.batches):
-                events += len(self._unacked.popleft())
+                batch = self._unacked.popleft()
+                events += len(batch)
+                row_bytes += _row_bytes(batch)
             self._unacked_events -= events
+        self._row_bytes_out += row_bytes
         if events != ack.events:
             log.error("audit worker confirmed %d events for batches of %d", ack.events, events)
         self.written += events
@@ -281,7 +301,11 @@ class AuditSink:
             if loop is not None and not loop.is_closed():
                 self._release_scheduled = True
                 loop.call_soon_threadsafe(self._release_holds)
-        if self.congested and self.pending < self._max_pending // 2:
+        if (
+            self.congested
+            and self.pending < self._max_pending // 2
+            and self.row_bytes_pending < _MAX_ROW_BYTES // 2
+        ):
             self._drained()
         elif not self.congested and self._unacked_events >= self._max_pending:
             self._congest(f"{self._unacked_events} events not yet written by the audit worker")
@@ -338,6 +362,14 @@ class AuditSink:
             self._process.join(timeout)
         if self._acker is not None:
             self._acker.join(5)
+
+
+def _row_bytes(batch: list[Event]) -> int:
+    return sum(
+        len(event.row_values)
+        for event in batch
+        if type(event) is StatementEvent and event.row_values
+    )
 
 
 def _nothing() -> None:

@@ -216,13 +216,14 @@ class Enricher:
             text, params, masked_fields = masked.query, masked.params, masked.masked_fields
             notes = notes + [note for note in masked.notes if note not in notes]
         if event.row_values and masker.masker is not None:
-            kept = 0
-            for kind, value in row_subject_values(event.row_values, self._kinds):
-                subjects.add(masker.masker.subject_tag(kind, value), kind)
-                kept += 1
+            make_tag = masker.masker.subject_tag
+            tags: dict[tuple[str, str], str] = {}  # a subject repeats across rows
+            for pair in row_subject_values(event.row_values, self._kinds):
+                if pair not in tags:
+                    tags[pair] = make_tag(*pair)
+                    subjects.add(tags[pair], pair[0])
             if event.row_values_truncated:
-                subjects.truncated = True
-                subjects.count += max(0, event.row_values_seen - kept)
+                subjects.truncated = True  # rows past the bound were not read
         if text is not None:
             text = redact_tokens(text)
         if params:

@@ -14,6 +14,7 @@ acknowledged once written and fsync follows within ``sync_interval``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -60,6 +61,11 @@ def worker_main(batches: Connection, acks: Connection, config: Config, verbose: 
 
     from scalple.sink.enrich import build_enricher
     from scalple.sink.writer import RecordWriter
+
+    # Records, postings and tags are acyclic and many (a result's subject
+    # values make a million small objects per segment): collect cycles
+    # rarely, or the collector walks them all again and again.
+    gc.set_threshold(100_000, 50, 100)
 
     try:
         writer = RecordWriter(config, build_enricher(config))

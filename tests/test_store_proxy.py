@@ -267,12 +267,14 @@ def test_full_disk_with_continue_counts_and_records_the_loss(
                 lost = _metric(metrics_port, "scalple_audit_records_lost_total")
                 time.sleep(0.1)
             assert lost > 0
-            assert _metric(metrics_port, "scalple_audit_store_failing") == 1
+            # (The failing gauge may already be back to 0: a failed write is
+            # cut back, which frees blocks a small write can then use.)
+            assert _metric(metrics_port, "scalple_audit_write_failures_total") > 0
             assert proxy.log_contains("AUDIT RECORDS LOST")
             filler.unlink()
             _run_until(dsn, "ok")
             proxy.wait_for_records(
-                lambda rs: any(r["kind"] == "records_lost" for r in rs), kind=None
+                lambda rs: any(r["kind"] == "records_lost" for r in rs), kind=None, timeout=30
             )
         markers = [r for r in proxy.records(None) if r["kind"] == "records_lost"]
         assert markers[0]["statements"] >= 1

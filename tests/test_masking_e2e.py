@@ -58,6 +58,7 @@ def _masked_proxy(
         "catalog": {"password_file": catalog_password},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         "masking": {"key_file": str(key), "subjects_limit": subjects_limit},
+        "log": {"checkpoint_mirror": str(tmp_path / "mirror"), "checkpoint_interval": 0.2},
         "pii": {
             "public.pii_users.email": "email",
             "public.pii_users.phone": "partial",
@@ -165,7 +166,10 @@ def test_no_pii_value_reaches_anything_the_proxy_wrote(masked_proxy: ScalpleServ
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
         metrics = page.read()
     assert proxy.stop() == 0
-    written = proxy.log_bytes() + proxy.stderr().encode() + metrics
+    mirror = proxy.base_dir.parent / "mirror"
+    mirrored = b"".join(p.read_bytes() for p in sorted(mirror.rglob("*")) if p.is_file())
+    assert mirrored, "the checkpoint mirror was written"
+    written = proxy.log_bytes() + proxy.stderr().encode() + metrics + mirrored
     assert b"pii_users" in written  # the scan reads the real log
     for value in SECRET_VALUES:
         for form in _variants(value):

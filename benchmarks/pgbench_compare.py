@@ -18,10 +18,22 @@ interleaved way: Scalple -> PostgreSQL with the JSON-lines sink the store replac
 (commit f736e1d, run from a git worktree), with the store in ``durability = "async"``
 and with the store in ``durability = "strict"``, at 16 clients and 1 client.
 
+With ``--subjects`` it compares PII masking and data subjects, in the same interleaved
+way: two Scalple -> PostgreSQL proxies, one with the default configuration ("plain"),
+one with ``[subjects] "public.pgbench_accounts.aid" = "account"``, ``[log] literals =
+"all"`` and a ``[masking] key_file`` ("subjects"), at 16 clients and 1 client (simple
+protocol), 16 clients with ``-M extended`` (parameters are masked too) and 1 client
+running a 10,000-row range SELECT (the relay reads ``aid`` out of every row).  The
+two proxies swap places every other round, and every run waits for its records and
+then until the proxy and its audit worker are idle, so that no run inherits the
+previous one's backlog.  The audit log of both is then read back to show that the
+subjects proxy's records do name subjects and hold masked queries (and the plain
+proxy's do not).
+
 Usage::
 
     python benchmarks/pgbench_compare.py [--duration S] [--rounds N] [--scale 10] [--json]
-                                         [--store [--jsonl-tree DIR]]
+                                         [--store [--jsonl-tree DIR] | --subjects]
 
 Progress goes to stderr; the report (a table, or JSON with ``--json``) to stdout.  The
 exit status is 0 whether the performance targets are met or not: this is a measurement,
@@ -79,6 +91,12 @@ JSONL_COMMIT = "f736e1d"  # the last commit whose audit log was the JSON-lines f
 JSONL_FILE = "audit.jsonl"
 DEFAULT_JSONL_TREE = Path("/tmp/scalple-jsonl")
 STORE_WORKLOADS = ("c16_simple", "c1_simple")
+DEFAULT_WORKLOADS = ("c16_simple", "c16_prepared", "c1_simple", "c1_prepared")
+SUBJECT_WORKLOADS = ("c16_simple", "c1_simple", "c16_extended", "c1_rows")
+SUBJECT_COLUMN = "public.pgbench_accounts.aid"
+SUBJECT_KIND = "account"
+RANGE_ROWS = 10_000  # rows of the c1_rows workload's SELECT
+SUBJECTS_TARGET = 0.90  # the issue: within 10% of the same run without subjects
 
 
 # --------------------------------------------------------------------------- model
@@ -86,17 +104,21 @@ STORE_WORKLOADS = ("c16_simple", "c1_simple")
 
 @dataclass(frozen=True)
 class Workload:
-    """One pgbench invocation shape (always ``-S``: select-only, the relay's worst case).
+    """One pgbench invocation shape (``-S``: select-only, the relay's worst case).
 
     Select-only transactions are tiny, so per-message overhead of a proxy dominates;
     that is the honest stress test for a relay that must observe every statement.
+    A workload with a ``script`` runs that pgbench script (``-f``) instead of ``-S``;
+    ``{max_start}`` in it is replaced by the highest ``aid`` a 10,000-row range may
+    start at for the scale in use.
     """
 
     key: str
     label: str
     clients: int
     threads: int
-    mode: str  # pgbench -M: simple | prepared
+    mode: str  # pgbench -M: simple | prepared | extended
+    script: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +154,7 @@ class Run:
     audit_records: int | None = None
     audit_lag_s: float | None = None  # how long after pgbench ended the last record landed
     proxy_cpu_us_per_tx: float | None = None  # CPU (user+sys) of the proxy process per tx
+    relay_cpu_us_per_tx: float | None = None  # the same, its own process only (no children)
     load_before: float | None = None  # 1-minute load average when the run started
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -154,6 +177,7 @@ class Row:
     reference: str | None
     error: str | None
     warnings: list[str]
+    relay_cpu_us: float | None = None  # median of the proxy's own process (no children)
 
 
 @dataclass
@@ -177,6 +201,17 @@ WORKLOADS: dict[str, Workload] = {
         Workload("c16_prepared", "-S c16 prepared", 16, 2, "prepared"),
         Workload("c1_simple", "-S c1 simple", 1, 1, "simple"),
         Workload("c1_prepared", "-S c1 prepared", 1, 1, "prepared"),
+        Workload("c16_extended", "-S c16 extended", 16, 2, "extended"),
+        Workload(
+            "c1_rows",
+            "c1 10k rows",
+            1,
+            1,
+            "simple",
+            script="\\set a random(1, {max_start})\n"
+            f"SELECT aid, bid, abalance FROM pgbench_accounts "
+            f"WHERE aid BETWEEN :a AND :a + {RANGE_ROWS - 1};\n",
+        ),
     )
 }
 
@@ -251,6 +286,30 @@ def process_cpu_seconds(pid: int) -> float:
         ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
         todo.extend(children.get(current, ()))
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, limit: float, step: float = 0.5, busy: float = 0.1) -> float:
+    """Wait until ``pid`` and its descendants use less than ``busy`` of a CPU over
+    ``step`` seconds, or ``limit`` seconds passed; returns the seconds waited."""
+    started = time.monotonic()
+    before = process_cpu_seconds(pid)
+    while time.monotonic() - started < limit:
+        time.sleep(step)
+        now = process_cpu_seconds(pid)
+        if now - before < busy * step:
+            break
+        before = now
+    return time.monotonic() - started
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """user+system CPU of ``pid`` alone (every thread, no child process), in seconds.
+
+    For Scalple this is the relay (event loop, hand-off and acknowledgement threads);
+    the rest of :func:`process_cpu_seconds` is its audit worker process.
+    """
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> float:
@@ -366,6 +425,8 @@ def run_pgbench(
     log_dir: Path,
     round_no: int,
     audit: AuditCounter | None = None,
+    scale: int = 10,
+    settle: float = 0.0,
 ) -> Run:
     """One measured pgbench run; never raises for pgbench's own failures (they become rows).
 
@@ -373,13 +434,23 @@ def run_pgbench(
     and take locks); the tables were vacuumed by ``pgbench -i``.  With ``audit`` the run
     also waits for the proxy's audit writer to catch up before reading the proxy's CPU
     time, so that the writer's work for this run's statements is charged to this run.
+    ``scale`` is the ``pgbench -i`` scale (a workload's script may need it).  With
+    ``settle`` > 0 the run then waits (at most that many seconds) until the proxy's
+    processes are idle: work an audit worker still does after writing the records (such
+    as posting them to the segment index) is then charged to this run, and does not
+    slow down the next one.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     prefix = log_dir / "tx"
+    what = ["-S"]
+    if workload.script is not None:
+        script = log_dir / "workload.sql"
+        script.write_text(workload.script.format(max_start=100_000 * scale - RANGE_ROWS + 1))
+        what = ["-f", str(script)]
     cmd = [
         str(pgbench),
         "-n",
-        "-S",
+        *what,
         "-M",
         workload.mode,
         "-c",
@@ -402,11 +473,13 @@ def run_pgbench(
     run.load_before = load_average()
     proxy_pid: int | None = None
     cpu_before: float | None = None
+    own_before: float | None = None
     if target.proxy_pid is not None:
         # A proxy that died makes pgbench fail, which is reported; CPU is then unknown.
         with contextlib.suppress(Exception):
             proxy_pid = target.proxy_pid()
             cpu_before = process_cpu_seconds(proxy_pid)
+            own_before = own_cpu_seconds(proxy_pid)
     started = time.monotonic()
     try:
         proc = subprocess.run(
@@ -440,14 +513,21 @@ def run_pgbench(
         run.audit_lag_s = audit.last_record_at - ended if audit.last_record_at > ended else 0.0
         audit.total_transactions += expected
         audit.run_seconds += duration
-    cpu_used = None
+    if settle > 0 and proxy_pid is not None:
+        with contextlib.suppress(OSError):
+            wait_idle(proxy_pid, settle)
+    cpu_used = own_used = None
     if proxy_pid is not None and cpu_before is not None:
         with contextlib.suppress(OSError):
             cpu_used = process_cpu_seconds(proxy_pid) - cpu_before
+            if own_before is not None:
+                own_used = own_cpu_seconds(proxy_pid) - own_before
     logs = sorted(log_dir.glob("tx.*"))
     run.logged_transactions, run.mean_ms, run.p99_ms = parse_latency_logs(logs)
     if cpu_used is not None and run.transactions:
         run.proxy_cpu_us_per_tx = 1e6 * cpu_used / run.transactions
+    if own_used is not None and run.transactions:
+        run.relay_cpu_us_per_tx = 1e6 * own_used / run.transactions
     for path in logs:  # a 10 s run at 60k tps logs ~20 MB: do not keep them around
         path.unlink()
     if proc.returncode != 0 or run.tps is None or abort_summary:
@@ -474,6 +554,8 @@ class AuditCounter:
         self.total_transactions = 0
         self.run_seconds = 0.0
         self.last_record_at = 0.0  # time.monotonic() when new records were last seen
+        self.timeout = 30.0  # the longest ``collect`` waits by default
+        self.quiet = 5.0  # ... and how long it waits for the next record by default
 
     def _count_new(self) -> int:
         raise NotImplementedError
@@ -482,7 +564,9 @@ class AuditCounter:
         """Bytes of the log so far."""
         raise NotImplementedError
 
-    def collect(self, expected: int, timeout: float = 30.0, quiet: float = 5.0) -> int:
+    def collect(
+        self, expected: int, timeout: float | None = None, quiet: float | None = None
+    ) -> int:
         """New records, waiting (bounded) for the proxy's writer to catch up.
 
         Stop waiting once ``expected`` records arrived (the usual case: records may
@@ -494,7 +578,8 @@ class AuditCounter:
         let the worker's catching up slow that run down.
         """
         got = self._count_new()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        quiet = self.quiet if quiet is None else quiet
         quiet_since = time.monotonic()
         while got < expected and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -634,7 +719,8 @@ class _BouncerUpstream:
 class Environment:
     """All processes the benchmark owns; cleaned up by the ExitStack in ``main``.
 
-    The PgBouncers are None with ``--store`` (every target goes straight to PostgreSQL).
+    The PgBouncers are None with ``--store`` and ``--subjects`` (every target goes
+    straight to PostgreSQL).
     """
 
     cluster: PostgresCluster
@@ -644,6 +730,7 @@ class Environment:
     targets: dict[str, Target]
     counters: dict[str, AuditCounter]
     store: bool = False
+    subjects: bool = False
 
 
 class TreeScalpleServer(ScalpleServer):
@@ -757,6 +844,8 @@ def start_environment(stack: contextlib.ExitStack, args: argparse.Namespace) -> 
         raise RuntimeError(f"pgbench -i failed (exit {init.returncode}):\n{init.stderr.strip()}")
     if args.store:
         return start_store_proxies(stack, args, cluster)
+    if args.subjects:
+        return start_subject_proxies(stack, args, cluster)
 
     progress(f"starting PgBouncer (transaction and session pools, pool size {POOL_SIZE})...")
     bouncer = PgBouncer(cluster, pool_mode="transaction", default_pool_size=POOL_SIZE)
@@ -952,6 +1041,74 @@ def start_store_proxies(
     return Environment(cluster, None, None, None, targets, counters, store=True)
 
 
+def start_subject_proxies(
+    stack: contextlib.ExitStack, args: argparse.Namespace, cluster: PostgresCluster
+) -> Environment:
+    """Two Scalple proxies straight to PostgreSQL, both with the catalog: "plain" with the
+    default configuration, "subjects" with ``aid`` a subject column, every literal
+    masked and a masking key (48 random bytes in a 0600 file of a private directory).
+
+    The audit counters of both wait up to 300 s for a run's records, and up to 150 s
+    for the next one: a 10,000-row result costs the subjects proxy's audit worker far
+    more than the relay, so its records come long after pgbench ended (the lag is
+    reported).  They come in one burst: the proxy hands the worker everything queued
+    meanwhile as one batch, which the worker builds in full (tens of seconds) before it
+    writes any of it.  Waiting keeps that work in the run that caused it, instead of
+    charging it to (and slowing down) whichever run comes next.
+    """
+    progress("starting Scalple proxies -> PostgreSQL (plain, subjects)...")
+    proxy_config = scalple_config(stack)
+    for table, values in args.scalple_set.items():
+        proxy_config.setdefault(table, {}).update(values)
+    secret_dir = Path(tempfile.mkdtemp(prefix="scalple-bench-key-"))
+    stack.callback(shutil.rmtree, secret_dir, True)
+    key_file = secret_dir / "masking-key"
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(48))
+    subjects_config: dict[str, dict[str, object]] = {
+        **proxy_config,
+        "subjects": {SUBJECT_COLUMN: SUBJECT_KIND},
+        "log": {**proxy_config.get("log", {}), "literals": "all"},
+        "masking": {**proxy_config.get("masking", {}), "key_file": str(key_file)},
+    }
+    upstream = f"{cluster.host}:{cluster.port}"
+    proxies: dict[str, ScalpleServer] = {}
+    for key, config in (("plain", proxy_config), ("subjects", subjects_config)):
+        proxy = ScalpleServer(upstream, config=config)
+        stack.callback(proxy.cleanup)
+        proxy.start()
+        proxies[key] = proxy
+        assert proxy.process is not None
+        progress(
+            f"    {key}: Scalple on port {proxy.port} (pid {proxy.process.pid}) -> "
+            f"{cluster.port}, audit log in {proxy.log_dir}"
+        )
+    labels = {
+        "plain": ("S->PG, default config", "plain", None),
+        "subjects": ("S->PG, subjects + literals", "subjects", "plain"),
+    }
+    targets = {
+        key: Target(
+            key,
+            label,
+            proxies[key].host,
+            proxies[key].port,
+            short,
+            reference,
+            proxies[key],
+            proxy_pid=_pid_of(proxies[key]),
+        )
+        for key, (label, short, reference) in labels.items()
+    }
+    counters: dict[str, AuditCounter] = {}
+    for key in targets:
+        counters[key] = StoreCounter(proxies[key].log_dir)
+        counters[key].timeout = 300.0
+        counters[key].quiet = 150.0
+    return Environment(cluster, None, None, None, targets, counters, subjects=True)
+
+
 def scalple_config(stack: contextlib.ExitStack) -> dict[str, dict[str, object]]:
     """Scalple's configuration: the defaults, plus catalog credentials when supported.
 
@@ -982,12 +1139,15 @@ def _pid_of(proxy: ScalpleServer) -> Callable[[], int]:
     return pid
 
 
-def targets_for(workload: Workload, store: bool = False) -> list[str]:
+def targets_for(workload: Workload, store: bool = False, subjects: bool = False) -> list[str]:
     """Session-pool targets only where the transaction pool cannot serve the workload; the
     PgBouncer->PgBouncer calibration only for the 16-client simple run (time budget).
-    With ``--store``: the three audit logs, the same for every workload."""
+    With ``--store``: the three audit logs, the same for every workload; with
+    ``--subjects``: the plain and the subjects proxy."""
     if store:
         return ["jsonl", "store_async", "store_strict"]
+    if subjects:
+        return ["plain", "subjects"]
     if workload.key == "c16_prepared":
         return ["pg", "pgb", "scalple_pgb", "pgb_session", "scalple_pgb_session", "scalple_pg"]
     if workload.key == "c16_simple":
@@ -1030,13 +1190,20 @@ def measure(env: Environment, pgbench: Path, args: argparse.Namespace, workdir: 
     Interleaving (rather than all rounds of one target, then the next) spreads slow
     phases of a shared machine evenly over the targets.  A pair marked ``may_fail`` that
     failed is not retried: it fails for a structural reason, and retrying only burns time.
+    With ``--subjects`` the two proxies also swap places every other round, so that
+    neither always runs right after the other.
     """
     workloads = [WORKLOADS[k] for k in args.workloads]
+
+    def order(round_no: int, workload: Workload) -> list[str]:
+        keys = targets_for(workload, env.store, env.subjects)
+        return keys[::-1] if env.subjects and round_no % 2 == 0 else keys
+
     plan = [
         (r, w, env.targets[t])
         for r in range(1, args.rounds + 1)
         for w in workloads
-        for t in targets_for(w, env.store)
+        for t in order(r, w)
     ]
     runs: list[Run] = []
     skip: set[tuple[str, str]] = set()
@@ -1066,6 +1233,8 @@ def measure(env: Environment, pgbench: Path, args: argparse.Namespace, workdir: 
                 log_dir=workdir / f"run{index}",
                 round_no=round_no,
                 audit=env.counters.get(target.key),
+                scale=args.scale,
+                settle=60.0 if env.subjects else 0.0,
             )
             proxy = target.proxy
             if proxy is not None and (proxy.process is None or proxy.process.poll() is not None):
@@ -1105,7 +1274,7 @@ def summarize(env: Environment, runs: list[Run], args: argparse.Namespace) -> li
     for run in runs:
         by_pair.setdefault((run.workload, run.target), []).append(run)
     for wkey in args.workloads:
-        for tkey in targets_for(WORKLOADS[wkey], env.store):
+        for tkey in targets_for(WORKLOADS[wkey], env.store, env.subjects):
             pair_runs = by_pair.get((wkey, tkey), [])
             if not pair_runs:
                 continue
@@ -1146,6 +1315,7 @@ def summarize(env: Environment, runs: list[Run], args: argparse.Namespace) -> li
                     reference=reference if ratio is not None else None,
                     error="\n".join(errors) or None,
                     warnings=warnings,
+                    relay_cpu_us=_median([r.relay_cpu_us_per_tx for r in ok]),
                 )
             )
     return rows
@@ -1226,6 +1396,14 @@ def checks(rows: list[Row]) -> list[Check]:
         add("Scalple->PostgreSQL >= 0.95x PgBouncer", wkey, "scalple_pg", ref, 0.95, note)
     for wkey in WORKLOADS:  # --store: the store's issue; strict has no target, only figures
         add("store async >= 0.95x JSON-lines sink", wkey, "store_async", "jsonl", 0.95)
+    for wkey in WORKLOADS:  # --subjects: within 10% of the same run without subjects
+        add(
+            f"subjects >= {SUBJECTS_TARGET:.2f}x default config",
+            wkey,
+            "subjects",
+            "plain",
+            SUBJECTS_TARGET,
+        )
     return out
 
 
@@ -1250,6 +1428,139 @@ def store_summary(rows: list[Row]) -> list[dict[str, Any]]:
                 "proxy_cpu_us": {r.target: r.proxy_cpu_us for r in (jsonl, store_async, strict)},
             }
         )
+    return out
+
+
+def subjects_summary(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per workload of a ``--subjects`` run: the ratio and each proxy's CPU per transaction
+    (whole, relay process alone, and the rest: its audit worker)."""
+    index = {(r.workload, r.target): r for r in rows}
+    out = []
+    for wkey in WORKLOADS:
+        plain, subj = index.get((wkey, "plain")), index.get((wkey, "subjects"))
+        if plain is None or subj is None:
+            continue
+        cpu: dict[str, dict[str, float | None]] = {}
+        for row in (plain, subj):
+            worker = None
+            if row.proxy_cpu_us is not None and row.relay_cpu_us is not None:
+                worker = row.proxy_cpu_us - row.relay_cpu_us
+            cpu[row.target] = {
+                "total": row.proxy_cpu_us,
+                "relay": row.relay_cpu_us,
+                "worker": worker,
+            }
+        out.append(
+            {
+                "workload": wkey,
+                "ratio": subj.ratio,
+                "tps": {r.target: r.tps_median for r in (plain, subj)},
+                "mean_ms": {r.target: r.mean_ms for r in (plain, subj)},
+                "cpu_us": cpu,
+            }
+        )
+    return out
+
+
+_RAW_NUMBER = re.compile(r"(?<![\w$])[0-9]+(?!\w)")
+"""A number as a word of its own: what an unmasked ``aid = 12345`` leaves in a query
+(a tag's hex digits are inside the word ``sub_...``, masked constants are ``'***'``
+and a ``$1`` placeholder is no constant)."""
+
+
+def _record_group(record: dict[str, Any]) -> str:
+    query = record.get("query") or ""
+    if "BETWEEN" in query:
+        return "c1_rows"
+    if "pgbench_accounts" in query:
+        return "extended -S" if record.get("protocol") == "extended" else "simple -S"
+    return "other"
+
+
+def subjects_check(env: Environment) -> dict[str, Any]:
+    """Read both proxies' audit logs back: does the subjects proxy really mask and tag?
+
+    Per group of statements (simple -S, extended -S, the 10,000-row SELECT, other):
+    records, records with subjects, records whose query holds no raw number and whose
+    parameters are all tags or ``***``, and for the row SELECT the records whose
+    ``subjects_count`` covers its rows (values read from the result by the relay).
+    One sample record per group for the subjects proxy.  Every record is decoded, so
+    this takes a few seconds per million records.
+    """
+    from scalple.query.reader import stored_records
+
+    out: dict[str, Any] = {}
+    for key in ("plain", "subjects"):
+        target = env.targets[key]
+        assert target.proxy is not None
+        groups: dict[str, dict[str, Any]] = {}
+        started = time.monotonic()
+        for directory in layout.origin_dirs(target.proxy.log_dir):
+            for stored in stored_records(directory):
+                record = stored.record
+                if record.get("kind") != "statement":
+                    continue
+                name = _record_group(record)
+                group = groups.setdefault(
+                    name,
+                    {"records": 0, "with_subjects": 0, "masked": 0, "rows_read": 0, "sample": None},
+                )
+                group["records"] += 1
+                subjects = record.get("subjects") or []
+                if subjects:
+                    group["with_subjects"] += 1
+                params = record.get("params") or []
+                if not _RAW_NUMBER.search(record.get("query") or "") and all(
+                    p is None or p == "***" or p.startswith("sub_") for p in params
+                ):
+                    group["masked"] += 1
+                if (record.get("subjects_count") or 0) >= RANGE_ROWS:
+                    group["rows_read"] += 1
+                if group["sample"] is None and (subjects or key == "plain"):
+                    sample: dict[str, Any] = {
+                        field: record.get(field)
+                        for field in (
+                            "protocol",
+                            "query",
+                            "params",
+                            "rows",
+                            "subject_kinds",
+                            "subjects_count",
+                            "subjects_truncated",
+                            "analysis_notes",
+                        )
+                    }
+                    sample["subjects"] = subjects[:2] + (
+                        [f"... {len(subjects) - 2} more"] if len(subjects) > 2 else []
+                    )
+                    group["sample"] = sample
+        out[key] = {"groups": groups, "read_seconds": time.monotonic() - started}
+    problems = []
+    for name, group in out["subjects"]["groups"].items():
+        if name == "other":
+            continue
+        if group["with_subjects"] < group["records"]:
+            problems.append(
+                f"{name}: {group['records'] - group['with_subjects']:,} of {group['records']:,} "
+                "subjects-proxy records name no subject"
+            )
+        if group["masked"] < group["records"]:
+            problems.append(
+                f"{name}: {group['records'] - group['masked']:,} of {group['records']:,} "
+                "subjects-proxy records keep a raw constant or parameter"
+            )
+        if name == "c1_rows" and group["rows_read"] < group["records"]:
+            problems.append(
+                f"{name}: {group['records'] - group['rows_read']:,} of {group['records']:,} "
+                f"records count fewer than {RANGE_ROWS:,} subjects: the relay did not read "
+                "the rows"
+            )
+    if not any(n != "other" for n in out["subjects"]["groups"]):
+        problems.append("the subjects proxy wrote no pgbench statement record at all")
+    for name, group in out["plain"]["groups"].items():
+        if group["with_subjects"]:
+            problems.append(f"{name}: the plain proxy's records name subjects")
+    out["problems"] = problems
     return out
 
 
@@ -1312,6 +1623,7 @@ def print_report(
     rows: list[Row],
     results: list[Check],
     audit: list[dict[str, Any]],
+    subject_check: dict[str, Any] | None = None,
 ) -> None:
     """The human-readable report; every line fits in 100 columns."""
     lines: list[str] = []
@@ -1338,6 +1650,17 @@ def print_report(
             f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
             "every proxy straight to PostgreSQL"
         )
+    elif env.subjects:
+        emit(f'subjects proxy: [subjects] "{SUBJECT_COLUMN}" = "{SUBJECT_KIND}",')
+        emit('                [log] literals = "all", [masking] key_file')
+        emit(
+            f"pgbench -n -S (c1 10k rows: -f, SELECT aid, bid, abalance ... BETWEEN :a AND "
+            f":a + {RANGE_ROWS - 1}),"
+        )
+        emit(
+            f"scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; both proxies "
+            "straight to PostgreSQL"
+        )
     else:
         emit(
             f"pgbench -n -S, scale {args.scale}, -T {args.duration} s, {args.rounds} rounds; "
@@ -1351,6 +1674,9 @@ def print_report(
     if env.store:
         emit("S->PG = Scalple -> PostgreSQL; jsonl = its audit log as the JSON-lines file of")
         emit(f"{JSONL_COMMIT}; async, strict = the store with [log] durability = async, strict.")
+    elif env.subjects:
+        emit("S->PG = Scalple -> PostgreSQL; plain = the default configuration (catalog on);")
+        emit("subjects = the same plus the subject column, every literal masked, a masking key.")
     else:
         emit("PG = PostgreSQL, PgB = PgBouncer, S = Scalple, [s] = PgBouncer session pool;")
         emit("PgBouncer->PgBouncer is a calibration: one more hop as cheap as PgBouncer itself.")
@@ -1402,6 +1728,22 @@ def print_report(
                 f"{_num(mean['jsonl'], '.3f')} / {_num(mean['store_async'], '.3f')} / "
                 f"{_num(mean['store_strict'], '.3f')}"
             )
+    if env.subjects:
+        emit("")
+        emit(
+            f"subjects vs plain: median of same-round TPS ratios (target >= {SUBJECTS_TARGET:.2f}),"
+        )
+        emit("CPU us per transaction as plain / subjects: total = relay + audit worker:")
+        for item in subjects_summary(rows):
+            cpu = item["cpu_us"]
+            emit(
+                f"  {WORKLOADS[item['workload']].label:<15} ratio {_num(item['ratio'], '.3f')}; "
+                f"total {_num(cpu['plain']['total'], '.1f')} / "
+                f"{_num(cpu['subjects']['total'], '.1f')}, relay "
+                f"{_num(cpu['plain']['relay'], '.1f')} / {_num(cpu['subjects']['relay'], '.1f')}, "
+                f"worker {_num(cpu['plain']['worker'], '.1f')} / "
+                f"{_num(cpu['subjects']['worker'], '.1f')}"
+            )
     emit("")
     emit("audit log check (Scalple must write a record for every statement; lag: the longest")
     emit("time after a run ended until its last record was in the log):")
@@ -1416,8 +1758,41 @@ def print_report(
             f" {_num(item['peak_records_per_second'], ',.0f')}/s max,"
             f" lag {_num(item['max_lag_s'], '.2f')} s"
         )
+    if subject_check is not None:
+        emit_subject_check(emit, subject_check)
     for line in lines:
         print(line.rstrip(), file=out)
+
+
+def emit_subject_check(emit: Callable[[str], None], check: dict[str, Any]) -> None:
+    """What the audit logs hold: the proof that the subjects proxy did its work."""
+    emit("")
+    emit("audit log content (read back after the runs; masked = no raw number in the query,")
+    emit("every parameter a tag or ***; rows read = subjects_count >= the rows of the SELECT):")
+    for key in ("plain", "subjects"):
+        part = check[key]
+        for name, group in sorted(part["groups"].items()):
+            emit(
+                f"  {key:<8} {name:<12} {group['records']:>9,} rec, with subjects "
+                f"{group['with_subjects']:>9,}, masked {group['masked']:>9,}, rows read "
+                f"{group['rows_read']:>6,}"
+            )
+        emit(f"  ({key}: read in {part['read_seconds']:.1f} s)")
+    for name, group in sorted(check["subjects"]["groups"].items()):
+        if group["sample"] is not None and name != "other":
+            emit(f"  sample, subjects proxy, {name}:")
+            for piece in _wrap(json.dumps(group["sample"]), 94):
+                emit(f"    {piece}")
+    if check["problems"]:
+        emit("")
+        emit("!" * 96)
+        emit("!! THE SUBJECTS PROXY DID NOT DO WHAT IS MEASURED: the figures above do not measure")
+        emit("!! subject extraction and masking as configured:")
+        for problem in check["problems"]:
+            emit(f"!!   {problem}")
+        emit("!" * 96)
+    else:
+        emit("  OK: every pgbench record of the subjects proxy names its subject and is masked")
 
 
 def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
@@ -1426,7 +1801,8 @@ def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
         print(f"profile: {profile['error']}", file=out)
         return
     print(
-        f"py-spy --native --subprocesses, {profile['target']}, -S c16 simple "
+        f"py-spy --native --subprocesses, {profile['target']}, "
+        f"{profile.get('workload', '-S c16 simple')} "
         f"({_num(profile['tps_under_profiler'], ',.0f')} tps under the profiler);",
         file=out,
     )
@@ -1447,15 +1823,18 @@ def print_profile(out: TextIO, profile: dict[str, Any]) -> None:
 def profile_proxy(
     env: Environment, pgbench: Path, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
-    """Sample the Scalple->PgBouncer process (``--store``: the store-async one) with py-spy
-    during an extra 16-client run.
+    """Sample the Scalple->PgBouncer process (``--store``: the store-async one,
+    ``--subjects``: the subjects one) with py-spy during an extra 16-client simple run
+    (or, when ``--workloads`` leaves that out, a run of the first workload chosen).
 
     Not part of the measurement (py-spy steals CPU on a small machine); it tells where
     the relay spends its CPU.  ``--native`` so that time in uvloop/libuv and in system
     calls is not lumped into whichever Python frame called them; ``--subprocesses`` so
     that helper processes (the audit worker) are sampled too.
     """
-    target = env.targets["store_async" if env.store else "scalple_pgb"]
+    target = env.targets[
+        "store_async" if env.store else "subjects" if env.subjects else "scalple_pgb"
+    ]
     assert target.proxy is not None and target.proxy.process is not None
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).is_file():
@@ -1467,13 +1846,16 @@ def profile_proxy(
         "--rate", str(rate), "--format", "raw", "--threads", "--native", "--subprocesses",
         "-o", str(raw),
     ]  # fmt: skip
-    progress(f"profiling {target.label} with py-spy during a {args.duration} s -S c16 simple run")
+    workload = WORKLOADS["c16_simple" if "c16_simple" in args.workloads else args.workloads[0]]
+    progress(
+        f"profiling {target.label} with py-spy during a {args.duration} s {workload.label} run"
+    )
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)  # py-spy attaches
         run = run_pgbench(
-            pgbench, WORKLOADS["c16_simple"], target, duration=args.duration,
-            log_dir=workdir / "profile", round_no=0,
+            pgbench, workload, target, duration=args.duration,
+            log_dir=workdir / "profile", round_no=0, scale=args.scale,
         )  # fmt: skip
         _, spy_err = spy_proc.communicate(timeout=args.duration + 60)
     finally:
@@ -1485,6 +1867,7 @@ def profile_proxy(
     return {
         "file": str(raw),
         "target": target.label,
+        "workload": workload.label,
         "tps_under_profiler": run.tps,
         "threads": top_functions(raw, rate * args.duration, target.proxy.process.pid),
     }
@@ -1576,14 +1959,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default=None,
-        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all; with --store "
-        f"{','.join(STORE_WORKLOADS)})",
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: "
+        f"{','.join(DEFAULT_WORKLOADS)}; with --store {','.join(STORE_WORKLOADS)}; with "
+        f"--subjects {','.join(SUBJECT_WORKLOADS)})",
     )
     parser.add_argument(
         "--store",
         action="store_true",
         help="compare audit logs instead: Scalple->PostgreSQL with the JSON-lines sink of "
         f"{JSONL_COMMIT}, the store in async and in strict durability",
+    )
+    parser.add_argument(
+        "--subjects",
+        action="store_true",
+        help="compare PII masking and data subjects instead: Scalple->PostgreSQL with the "
+        f'default configuration and with [subjects] "{SUBJECT_COLUMN}", [log] literals = '
+        '"all" and a masking key',
     )
     parser.add_argument(
         "--jsonl-tree",
@@ -1598,23 +1989,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_setting,
         action="append",
         default=[],
-        help="extra Scalple configuration for all three proxies, e.g. analysis.enabled=false "
+        help="extra Scalple configuration for every proxy, e.g. analysis.enabled=false "
         "(repeatable; shown in the report)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="after measuring, py-spy the Scalple->PgBouncer process during one extra "
-        "16-client simple run and write its collapsed stacks to FILE",
+        help="after measuring, py-spy the Scalple->PgBouncer process (--store: store async, "
+        "--subjects: subjects) during one extra 16-client simple run (or of the first of "
+        "--workloads without it) and write its collapsed stacks to FILE",
     )
     args = parser.parse_args(argv)
     settings: dict[str, dict[str, object]] = {}
     for table, key, value in args.scalple_set:
         settings.setdefault(table, {})[key] = value
     args.scalple_set = settings
+    if args.store and args.subjects:
+        parser.error("--store and --subjects are separate comparisons: choose one")
     if args.workloads is None:
-        args.workloads = ",".join(STORE_WORKLOADS if args.store else WORKLOADS)
+        args.workloads = ",".join(
+            STORE_WORKLOADS
+            if args.store
+            else SUBJECT_WORKLOADS
+            if args.subjects
+            else DEFAULT_WORKLOADS
+        )
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     args.jsonl_tree = args.jsonl_tree.resolve()
     unknown = [w for w in args.workloads if w not in WORKLOADS]
@@ -1635,7 +2035,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pgbench = bindir / "pgbench"
     info = machine_info(bindir)
     info["load_start"] = load_average()
-    runs_per_round = sum(len(targets_for(WORKLOADS[w], args.store)) for w in args.workloads)
+    runs_per_round = sum(
+        len(targets_for(WORKLOADS[w], args.store, args.subjects)) for w in args.workloads
+    )
     progress(
         f"{runs_per_round} runs per round x {args.rounds} rounds x {args.duration} s: about "
         f"{fmt_duration(runs_per_round * args.rounds * (args.duration + 0.4) + 40)}"
@@ -1652,6 +2054,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = summarize(env, runs, args)
                 results = checks(rows)
                 audit = audit_summary(env, runs, args.duration)
+                subject_check = None
+                if env.subjects:
+                    progress("reading both audit logs back (subjects, masked queries)...")
+                    subject_check = subjects_check(env)
                 profile = profile_proxy(env, pgbench, args, workdir) if args.profile else None
             finally:
                 # The ExitStack now stops every process; a second Ctrl-C (or a SIGTERM)
@@ -1678,6 +2084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "scale": args.scale,
                 "pool_size": POOL_SIZE,
                 "store": args.store,
+                "subjects": {SUBJECT_COLUMN: SUBJECT_KIND} if args.subjects else None,
                 "jsonl_tree": str(args.jsonl_tree) if args.store else None,
                 "scalple_settings": args.scalple_set,
                 "fsync": False,
@@ -1687,6 +2094,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [asdict(r) for r in rows],
             "checks": [asdict(c) for c in results],
             "store": store_summary(rows) if env.store else None,
+            "subjects": subjects_summary(rows) if env.subjects else None,
+            "subjects_check": subject_check,
             "audit": audit,
             "runs": [asdict(r) for r in runs],
             "profile": profile,
@@ -1694,7 +2103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(document, sys.stdout, indent=2)
         print()
     else:
-        print_report(sys.stdout, env, info, args, rows, results, audit)
+        print_report(sys.stdout, env, info, args, rows, results, audit, subject_check)
         if profile is not None:
             print_profile(sys.stdout, profile)
     return 0

@@ -1514,7 +1514,11 @@ def subjects_check(env: Environment) -> dict[str, Any]:
                     p is None or p == "***" or p.startswith("sub_") for p in params
                 ):
                     group["masked"] += 1
-                if (record.get("subjects_count") or 0) >= RANGE_ROWS:
+                # Rows were read when every row's subject counted, or the
+                # bound ([masking] subjects_limit) was reached.
+                if (record.get("subjects_count") or 0) >= RANGE_ROWS or (
+                    record.get("subjects_truncated") and subjects
+                ):
                     group["rows_read"] += 1
                 if group["sample"] is None and (subjects or key == "plain"):
                     sample: dict[str, Any] = {

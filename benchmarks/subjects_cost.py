@@ -21,7 +21,7 @@ A. **Relay: the backend scanner.**  A realistic backend byte stream of one resul
      scanner also captures RowDescription/NoData for prepared statements);
    * ``other table``: a map, but none of its tables is in this result (rows unread);
    * ``on, limit N``: the subject column is watched, at most N values kept per
-     statement (``[masking] subjects_limit``; 10,000 is the default).
+     statement (``[masking] subjects_limit``; 1,000 is the default).
 
    The subject column is first in the row (the scanner skips the rest of each row once
    it has it) and, as a worse case, last.  Then what the relay hands to the audit

@@ -74,7 +74,7 @@ class Enricher:
         *,
         analyse: bool = True,
         masker: StatementMasker | None = None,
-        subjects_limit: int = 10_000,
+        subjects_limit: int = 1_000,
     ) -> None:
         self.cache = cache
         self.catalogs = catalogs

@@ -7,6 +7,8 @@ directories on free ports; the proxy is ``scalple serve`` in a subprocess.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -26,6 +28,18 @@ def pg() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.cleanup()
+
+
+def init_pgbench(pg: PostgresCluster, dbname: str) -> str:
+    """A database owned by app_user with pgbench's tables (scale 1)."""
+    pg.psql(f"create database {dbname} owner app_user")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
+        "PGPASSWORD": "app_pass"
+    }
+    command = [str(pg.bindir / "pgbench"), "-i", "-q", "-s", "1", "-h", pg.host]
+    command += ["-p", str(pg.port), "-U", "app_user", dbname]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+    return dbname
 
 
 @pytest.fixture(scope="session")

@@ -11,37 +11,12 @@ from typing import Any
 import pytest
 
 from scalple.devcluster import PostgresCluster
-from tests.conftest import Route
+from tests.conftest import Route, init_pgbench
 
 
 @pytest.fixture(scope="module")
 def pgbench_db(pg: PostgresCluster) -> str:
-    pg.psql("create database bench owner app_user")
-    bindir = pg.bindir
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
-        "PGPASSWORD": "app_pass"
-    }
-    subprocess.run(
-        [
-            str(bindir / "pgbench"),
-            "-i",
-            "-q",
-            "-s",
-            "1",
-            "-h",
-            pg.host,
-            "-p",
-            str(pg.port),
-            "-U",
-            "app_user",
-            "bench",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    return "bench"
+    return init_pgbench(pg, "bench")
 
 
 @pytest.mark.parametrize("mode", ["simple", "extended"])

@@ -27,6 +27,7 @@ from scalple.devcluster import PostgresCluster, free_port
 from scalple.devproxy import ScalpleServer
 from scalple.store.keys import VerifierKey
 from scalple.store.verify import verify_log
+from tests.conftest import init_pgbench
 
 
 def _verify(log_dir: Path) -> None:
@@ -97,31 +98,7 @@ def _pgbench(pg: PostgresCluster, proxy: ScalpleServer, seconds: int) -> subproc
 
 @pytest.fixture(scope="module")
 def bench_db(pg: PostgresCluster) -> str:
-    pg.psql("create database bench_store owner app_user")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
-        "PGPASSWORD": "app_pass"
-    }
-    subprocess.run(
-        [
-            str(pg.bindir / "pgbench"),
-            "-i",
-            "-q",
-            "-s",
-            "1",
-            "-h",
-            pg.host,
-            "-p",
-            str(pg.port),
-            "-U",
-            "app_user",
-            "bench_store",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    return "bench_store"
+    return init_pgbench(pg, "bench_store")
 
 
 def test_strict_mode_survives_kill_9_under_pgbench(

@@ -145,14 +145,7 @@ class RecordWriter:
     def _lose_unsynced(self, count: int, reason: str) -> None:
         if count <= 0:
             return
-        with self._state_lock:
-            self.lost += count
-            first = rfc3339(time.time_ns())
-            if self._lost_since is None:
-                self._lost_since = (count, first, f"fsync failed: {reason}")
-            else:
-                total, since, why = self._lost_since
-                self._lost_since = (total + count, since, why)
+        self._count_lost(count, rfc3339(time.time_ns()), f"fsync failed: {reason}")
         log.critical(
             "AUDIT RECORDS AT RISK: fsync failed (%s); %d records written since the last "
             "good fsync may be lost ([log] on_failure = continue)",
@@ -175,14 +168,7 @@ class RecordWriter:
 
     def _lose(self, records: list[Record], reason: str) -> None:
         count = len(records)
-        with self._state_lock:
-            self.lost += count
-            if self._lost_since is None:
-                first = records[0].ts if records else rfc3339(time.time_ns())
-                self._lost_since = (count, first, reason)
-            else:
-                total, since, why = self._lost_since
-                self._lost_since = (total + count, since, why)
+        self._count_lost(count, records[0].ts if records else rfc3339(time.time_ns()), reason)
         log.critical(
             "AUDIT RECORDS LOST: %d records could not be written (%s); %d lost so far "
             "([log] on_failure = continue)",
@@ -190,6 +176,16 @@ class RecordWriter:
             reason,
             self.lost,
         )
+
+    def _count_lost(self, count: int, first: str, reason: str) -> None:
+        """Add to the losses the next ``records_lost`` record will report."""
+        with self._state_lock:
+            self.lost += count
+            if self._lost_since is None:
+                self._lost_since = (count, first, reason)
+            else:
+                total, since, why = self._lost_since
+                self._lost_since = (total + count, since, why)
 
     def _reported(self, pending: tuple[int, str, str]) -> None:
         """A marker for ``pending`` is written: keep only losses since."""

@@ -623,10 +623,7 @@ def _append_file(path: Path, data: bytes) -> None:
     try:
         size = os.fstat(fd).st_size
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _write_synced(fd, data)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)
@@ -635,15 +632,20 @@ def _append_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _write_synced(fd: int, data: bytes) -> None:
+    """All of ``data`` at the file position, then fsync (writes may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def _replace_file(path: Path, data: bytes) -> None:
     """Write ``path`` atomically: a reader sees the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        _write_synced(fd, data)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):

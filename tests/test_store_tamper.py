@@ -1074,7 +1074,10 @@ def test_oldest_kept_segment_shortened_after_retention(retained: Retained) -> No
     oldest = log.numbers()[0]
     header = frames(log, oldest)[0]
     ended = header.first_index
-    cut = signed_in(log, oldest)[1] - header.first_index
+    # The first signed size inside the segment (its opening checkpoint, and a
+    # retention checkpoint signed when it was newest, sign its first index).
+    cut = next(size for size in signed_in(log, oldest) if size > header.first_index)
+    cut -= header.first_index
     start = cut_front(log, oldest, cut)
 
     found = violation(log)
@@ -1274,3 +1277,23 @@ def test_cli_prove_verify_proof_and_verify(log: Log, tmp_path: Path) -> None:
     assert failure["ok"] is False
     assert failure["where"].startswith("segment 2, record ")
     assert "stored leaf hash" in failure["what"]
+
+
+def test_oldest_segments_removed_as_if_by_retention_without_the_key(log: Log) -> None:
+    """Someone without the key deletes the oldest segments and marks them
+    removed in the catalog (which is not signed): only the log's own signed
+    checkpoints can say from which record retention kept it, and none does."""
+    intact(log)
+    numbers = log.numbers()
+    for number in numbers[:2]:
+        for path in (log.seg(number), log.idx(number), log.ckpt(number)):
+            path.unlink(missing_ok=True)
+    db = sqlite3.connect(log.dir / layout.CATALOG_FILE)
+    with db:
+        db.execute(
+            "UPDATE segments SET removed_ns = 1 WHERE number IN (?, ?)", (numbers[0], numbers[1])
+        )
+    db.close()
+    found = violation(log)
+    assert found.where == f"segment {numbers[2]}"
+    assert "no signed checkpoint says retention removed records before it" in found.what

@@ -27,6 +27,7 @@ from scalple.store.index import IndexBuilder, read_index
 from scalple.store.keys import VerifierKey
 from scalple.store.merkle import CompactRange
 from scalple.store.segment import SegmentError, frame_end, read_header, scan_frames
+from scalple.store.writer import RETENTION_EXTENSION
 
 __all__ = ["OriginReport", "Violation", "verify_log", "verify_origin"]
 
@@ -158,6 +159,7 @@ def verify_origin(
     if latest_note is not None:
         latest = _open(latest_note, verifiers, origin, f"{latest_file.name} file")
         _remember(signed, latest, origin, latest_file.name)
+    retained_from = _retained_from(checkpoints, latest_note, verifiers, origin)
     # The catalog after the listing: a segment is sealed (its row committed)
     # before the next one is created, so every listed segment but the newest
     # has its row in what is read now.
@@ -188,6 +190,14 @@ def verify_origin(
             raise Violation(origin, where, f"impossible header start: {exc}") from None
         if tree is None:
             _check_first(number, header.first_index, origin, catalog)
+            if header.first_index > retained_from:
+                raise Violation(
+                    origin,
+                    f"segment {number}",
+                    f"the log starts at record {header.first_index}, but no signed checkpoint "
+                    f"says retention removed records before it (signed: before "
+                    f"{retained_from}): old segments were removed without the key",
+                )
             tree = start_range
             first_index = header.first_index
         elif header.first_index != tree.size or start_range.root() != tree.root():
@@ -345,6 +355,25 @@ def _check_start(
         if number != previous + 1:
             raise Violation(origin, f"segment {previous + 1}", "missing between kept segments")
     return first - 1
+
+
+def _retained_from(
+    checkpoints: dict[int, list[Checkpoint]],
+    latest_note: bytes | None,
+    verifiers: Sequence[VerifierKey],
+    origin: str,
+) -> int:
+    """The first record the log's own signed checkpoints say retention kept."""
+    signed = [cp for kept in checkpoints.values() for cp in kept]
+    if latest_note is not None:
+        signed.append(_open(latest_note, verifiers, origin, "checkpoint file"))
+    kept_from = 0
+    for checkpoint in signed:
+        for line in checkpoint.extensions:
+            name, _, value = line.partition(" ")
+            if name == RETENTION_EXTENSION and value.isdigit():
+                kept_from = max(kept_from, int(value))
+    return kept_from
 
 
 def _check_first(

@@ -51,12 +51,13 @@ from scalple.store.segment import (
     write_header,
 )
 
-__all__ = ["StoreError", "StoreWriter", "open_signing_key"]
+__all__ = ["RETENTION_EXTENSION", "StoreError", "StoreWriter", "open_signing_key"]
 
 log = logging.getLogger(__name__)
 
 _SEQ_BLOCK = 1 << 16  # sequence numbers reserved ahead, so a crash never reuses one
 _BUILDING = ".new"  # suffix of a segment being created (not yet listed as one)
+RETENTION_EXTENSION = "scalple-retention-keeps-from"  # checkpoint line: first record kept
 _HEADER_LENGTH = struct.Struct("<I")  # a segment header's length field (segment.py)
 _HEADER_LIMIT = 1 << 16  # far above any real header (a few dozen hashes)
 
@@ -256,11 +257,16 @@ class StoreWriter:
 
     # -- checkpoints -------------------------------------------------------
 
-    def checkpoint(self) -> bytes:
+    def checkpoint(self, extensions: tuple[str, ...] = ()) -> bytes:
         """Sign the current tree (after an fsync) and publish it; the note."""
         self.sync()
         note = sign_checkpoint(
-            Checkpoint(origin=self.origin, size=self._range.size, root=self._range.root()),
+            Checkpoint(
+                origin=self.origin,
+                size=self._range.size,
+                root=self._range.root(),
+                extensions=extensions,
+            ),
             self._key,
         )
         try:
@@ -386,12 +392,23 @@ class StoreWriter:
         limit = rfc3339(now_ns - self._retention_ns)
         catalog = self._open_catalog()
         sealed = {e.number: e for e in catalog.entries(self.origin) if e.removed_ns is None}
+        removable: list[SegmentEntry] = []
         for number in layout.segment_numbers(self.dir):
             if number >= self._segment.number:
                 break
             entry = sealed.get(number)
             if entry is None or entry.last_ts >= limit:
                 break
+            removable.append(entry)
+        if not removable:
+            return
+        # Signed before anything goes: the log itself says, under the key,
+        # from which record on it is kept, so removing old segments without
+        # the key shows in verify (the catalog alone could be edited).
+        last = removable[-1]
+        self.checkpoint((f"{RETENTION_EXTENSION} {last.first_index + last.count}",))
+        for entry in removable:
+            number = entry.number
             for path in (
                 layout.segment_path(self.dir, number),
                 layout.index_path(self.dir, number),

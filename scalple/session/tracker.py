@@ -128,7 +128,8 @@ class Portal:
         self.ended_ns = 0  # when the last Execute of this portal was answered
         self.in_transaction = False  # in a transaction block when it first ran
         self.suspended = False
-        self.row_values: list[tuple[bytes, bool, int]] = []  # from Executes that suspended
+        # Subject values from Executes that suspended (None: none, no list made).
+        self.row_values: list[tuple[bytes, bool, int]] | None = None
         # The person in force when the portal first ran: a suspended portal is
         # recorded when it finishes, maybe after the transaction (and a SET
         # LOCAL identity) ended.
@@ -517,8 +518,9 @@ class StatementTracker:
                     portal = head.portal
                     portal.rows += counted
                     portal.ended_ns = now
-                    portal.row_values += self._row_values
-                    self._row_values = []
+                    if self._row_values:
+                        portal.row_values = (portal.row_values or []) + self._row_values
+                        self._row_values = []
                     if not portal.suspended:
                         portal.suspended = True
                         portal.in_transaction = self._in_tx
@@ -637,7 +639,8 @@ class StatementTracker:
         self._ready(body)
 
     def _ready(self, body: bytes) -> None:
-        self._row_values = []  # values of rows whose statement was not ours to record
+        if self._row_values:
+            self._row_values = []  # values of rows whose statement was not ours to record
         status = body[:1]
         self._in_tx = status != b"I"
         if status == b"I":
@@ -735,11 +738,19 @@ class StatementTracker:
             portal.identity = None
         else:
             identity = self._attribute(query, index, params, status == "ok")
+        # The relay's path: no allocation unless subject values were read.
         values = self._row_values
         if portal is not None and portal.row_values:
             values = portal.row_values + values
-            portal.row_values = []
-        self._row_values = []
+            portal.row_values = None
+        row_values: bytes | None = None
+        seen = 0
+        truncated = False
+        if values:
+            self._row_values = []
+            row_values = b"".join(v[0] for v in values)
+            seen = sum(v[2] for v in values)
+            truncated = any(v[1] for v in values)
         self._emit(
             StatementEvent(
                 session=self.session,
@@ -758,9 +769,9 @@ class StatementTracker:
                 status=status,
                 in_transaction=self._in_tx if in_transaction is None else in_transaction,
                 identity=identity,
-                row_values=b"".join(v[0] for v in values) if values else None,
-                row_values_seen=sum(v[2] for v in values),
-                row_values_truncated=any(v[1] for v in values),
+                row_values=row_values,
+                row_values_seen=seen,
+                row_values_truncated=truncated,
                 escape_strings=self.escape_strings,
             )
         )

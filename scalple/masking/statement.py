@@ -26,7 +26,7 @@ import msgspec
 from scalple._wire import LIT_NUMBER, literal_text, scan_literals
 from scalple.analysis.catalog import Catalog
 from scalple.logsafe import where
-from scalple.masking.masks import Masker, mask_literal_token
+from scalple.masking.masks import REDACTED, Masker, mask_literal_token
 from scalple.masking.plan import ColumnRole, plan_masking
 
 __all__ = ["MaskedStatement", "StatementMasker", "SubjectSet", "canonical_number"]
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 LiteralsRule = Literal["pii", "all", "none"]
 
 _PLAN_CACHE_SIZE: Final = 4096
-_REDACTED: Final = "***"
 # plan_masking's notes for a statement it could not plan at all.
 _UNPLANNED: Final = ("statement could not be parsed", "internal error while planning")
 # Statements whose constants reach columns only through something the plan
@@ -203,14 +202,12 @@ class StatementMasker:
         if escape_strings and text is not None and (self.pii or self.literals == "all"):
             # The lexer reads standard strings; with backslash escapes in
             # '...' it could leave a value outside any literal: show nothing.
-            hidden = [None if p is None else _REDACTED for p in params] if params else params
-            return MaskedStatement(_HIDDEN_QUERY, hidden, [], [_ESCAPE_NOTE])
+            return MaskedStatement(_HIDDEN_QUERY, _hidden(params), [], [_ESCAPE_NOTE])
         if text is None:
             # A statement the proxy never saw prepared: nothing says which
             # column a parameter feeds, so with PII configured none is kept.
             if params and (self.pii or self.literals == "all"):
-                hidden = [None if p is None else _REDACTED for p in params]
-                return MaskedStatement(None, hidden, [], [_UNKNOWN_PARAMS])
+                return MaskedStatement(None, _hidden(params), [], [_UNKNOWN_PARAMS])
             return MaskedStatement(text, params, [], [])
         data = text.encode("utf-8", "surrogateescape")
         tokens = scan_literals(data)
@@ -260,7 +257,7 @@ class StatementMasker:
         """The masked token for one literal, or None to keep it."""
         if role is None:
             if fail_safe or self.literals == "all":
-                return mask_literal_token(kind, data[start:end], _REDACTED)
+                return mask_literal_token(kind, data[start:end], REDACTED)
             return None
         if data[start : start + 1] == b"-":
             digits = data[start + 1 : end].lstrip()  # after the sign: the number token
@@ -299,13 +296,13 @@ class StatementMasker:
             tag = masker.subject_tag(role.subject, value)
             subjects.add(tag, role.subject)
         if role.mask is not None:
-            masked = _REDACTED if masker is None else masker.mask(role.mask, value)
+            masked = REDACTED if masker is None else masker.mask(role.mask, value)
             masked_fields.append({"column": role.column, "mask": role.mask, "value": masked})
             return masked
         if tag is not None and self.literals != "none":
             return tag  # the subject's tag stands for its raw id
         if self.literals == "all":
-            return _REDACTED
+            return REDACTED
         return None
 
     def _params(
@@ -324,7 +321,7 @@ class StatementMasker:
             role = shape.params.get(number) if shape is not None else None
             if role is None:
                 keep = not fail_safe and self.literals != "all"
-                shown.append(value if keep else _REDACTED)
+                shown.append(value if keep else REDACTED)
                 continue
             masked = self._role_value(role, value, masked_fields, subjects)
             shown.append(value if masked is None else masked)
@@ -444,3 +441,10 @@ def canonical_number(value: str) -> str:
         return value
     digits = number.group(2)
     return ("-" if number.group(1) == "-" and digits.strip("0") else "") + digits
+
+
+def _hidden(params: list[str | None] | None) -> list[str | None] | None:
+    """Every parameter masked (NULLs stay NULL: they hold nothing)."""
+    if params is None:
+        return None
+    return [None if value is None else REDACTED for value in params]

@@ -19,13 +19,11 @@ from typing import Any
 from scalple.config import ConfigError, parse_duration
 from scalple.records import decode_record, record_dict
 from scalple.store import layout
-from scalple.store.segment import SegmentError, frame_end, read_header, scan_frames
+from scalple.store.segment import SegmentError, frame_end, read_file_header, scan_frames
 
 __all__ = ["LogReader", "StoredRecord", "parse_time", "segment_records", "stored_records"]
 
 log = logging.getLogger(__name__)
-
-_HEAD_READ = 64 * 1024  # a segment header is far smaller (its start range is log2 hashes)
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
@@ -83,16 +81,11 @@ def segment_records(path: Path, number: int, offset: int = 0) -> Iterator[Stored
     except FileNotFoundError:
         return  # removed by retention meanwhile
     with handle:
-        head = handle.read(_HEAD_READ)
         try:
-            header, start = read_header(head, path)
-        except SegmentError:
-            head += handle.read()
-            try:
-                header, start = read_header(head, path)
-            except SegmentError as exc:
-                log.warning("%s", exc)
-                return
+            header, start = read_file_header(handle, path)
+        except SegmentError as exc:
+            log.warning("%s", exc)
+            return
         begin = max(start, offset)
         handle.seek(begin)
         data = handle.read()

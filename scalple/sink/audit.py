@@ -52,6 +52,7 @@ class AuditSink:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._config = config
         self.strict = config.log.durability == "strict"
+        self._row_subjects = bool(config.subjects)  # events may carry values from rows
         self._verbose = verbose
         self._pending: list[Event] = []
         self._max_pending = config.log.max_pending
@@ -103,7 +104,7 @@ class AuditSink:
         self.submitted += 1
         if len(pending) >= self._max_pending and not self.congested:
             self._congest(f"{len(pending)} events not yet handed to the audit worker")
-        if type(event) is StatementEvent and event.row_values:
+        if self._row_subjects and type(event) is StatementEvent and event.row_values:
             # Subject values from result rows make some events large: bound
             # the bytes in flight as well as the number of events.
             self._row_bytes_in += len(event.row_values)

@@ -20,7 +20,13 @@ from scalple.config import Config
 from scalple.events import SessionInfo, StatementEvent
 from scalple.logsafe import where
 from scalple.query.reader import segment_records
-from scalple.records import SessionRecord, StatementRecord, rfc3339, to_session_record
+from scalple.records import (
+    SessionRecord,
+    StatementRecord,
+    record_dict,
+    rfc3339,
+    to_session_record,
+)
 from scalple.sink.base import Event
 from scalple.sink.enrich import Enricher
 from scalple.store import layout
@@ -66,7 +72,7 @@ class RecordWriter:
         records = [self._record(event) for event in batch]
         if resent:
             stored = self._stored_keys()
-            kept = [r for r in records if _identity_of(r) not in stored]
+            kept = [r for r in records if _identity_of(record_dict(r)) not in stored]
             if len(kept) != len(records):
                 log.warning(
                     "a resent batch: %d of its %d records were already stored",
@@ -160,7 +166,7 @@ class RecordWriter:
             directory = self.store.dir
             numbers = layout.segment_numbers(directory)[-2:]
             self._recent = {
-                _identity_of_dict(stored.record)
+                _identity_of(stored.record)
                 for number in numbers
                 for stored in segment_records(layout.segment_path(directory, number), number)
             }
@@ -245,14 +251,9 @@ class RecordWriter:
         self.store.close()
 
 
-def _identity_of(record: Record) -> tuple[object, ...]:
+def _identity_of(record: dict[str, object]) -> tuple[object, ...]:
     """What tells two records apart, whatever their seq: the session, the
     statement's number in it, the kind and the time."""
-    statement = record.statement_id if type(record) is StatementRecord else None
-    return (record.kind, record.session_id, statement, record.ts, record.client_addr)
-
-
-def _identity_of_dict(record: dict[str, object]) -> tuple[object, ...]:
     return (
         record.get("kind"),
         record.get("session_id"),

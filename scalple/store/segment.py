@@ -23,6 +23,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -36,6 +37,7 @@ __all__ = [
     "SegmentError",
     "SegmentHeader",
     "frame",
+    "read_file_header",
     "read_header",
     "scan_frames",
     "write_header",
@@ -91,6 +93,15 @@ def read_header(data: bytes | memoryview, path: Path | str) -> tuple[SegmentHead
     except msgspec.DecodeError as exc:
         raise SegmentError(f"{path}: unreadable header ({exc})") from None
     return header, start + length
+
+
+def read_file_header(handle: BinaryIO, path: Path | str) -> tuple[SegmentHeader, int]:
+    """The header of an open segment file, reading no more than it takes."""
+    fixed = handle.read(len(MAGIC) + _LENGTH.size)
+    if len(fixed) == len(MAGIC) + _LENGTH.size and fixed.startswith(MAGIC):
+        (length,) = _LENGTH.unpack_from(fixed, len(MAGIC))
+        fixed += handle.read(min(length, MAX_PAYLOAD))
+    return read_header(fixed, path)
 
 
 def frame(payload: bytes, digest: bytes) -> bytes:

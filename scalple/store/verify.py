@@ -26,7 +26,13 @@ from scalple.store.checkpoint import Checkpoint, CheckpointError, open_checkpoin
 from scalple.store.index import IndexBuilder, read_index
 from scalple.store.keys import VerifierKey
 from scalple.store.merkle import CompactRange
-from scalple.store.segment import SegmentError, frame_end, read_header, scan_frames
+from scalple.store.segment import (
+    SegmentError,
+    frame_end,
+    read_file_header,
+    read_header,
+    scan_frames,
+)
 from scalple.store.writer import RETENTION_EXTENSION
 
 __all__ = ["OriginReport", "Violation", "verify_log", "verify_origin"]
@@ -280,10 +286,9 @@ def verify_origin(
 
 def _origin_of(directory: Path, number: int) -> str:
     path = layout.segment_path(directory, number)
-    with path.open("rb") as handle:
-        head = handle.read(1 << 16)
     try:
-        header, _ = read_header(head, path)
+        with path.open("rb") as handle:
+            header, _ = read_file_header(handle, path)
     except SegmentError as exc:
         raise Violation(directory.name, f"segment {number}", str(exc)) from None
     return header.origin

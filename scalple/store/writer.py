@@ -25,7 +25,13 @@ from typing import Any
 import blake3
 
 from scalple.config import LogConfig, log_origin, parse_duration
-from scalple.records import SessionRecord, StatementRecord, decode_record, encode_record
+from scalple.records import (
+    SessionRecord,
+    StatementRecord,
+    decode_record,
+    encode_record,
+    rfc3339,
+)
 from scalple.store import layout
 from scalple.store.catalog import Catalog, SegmentEntry
 from scalple.store.checkpoint import (
@@ -260,15 +266,7 @@ class StoreWriter:
     def checkpoint(self, extensions: tuple[str, ...] = ()) -> bytes:
         """Sign the current tree (after an fsync) and publish it; the note."""
         self.sync()
-        note = sign_checkpoint(
-            Checkpoint(
-                origin=self.origin,
-                size=self._range.size,
-                root=self._range.root(),
-                extensions=extensions,
-            ),
-            self._key,
-        )
+        note = self._sign_tree(extensions)
         try:
             _append_file(layout.checkpoints_path(self.dir, self._segment.number), frame_note(note))
             _replace_file(self.dir / layout.CHECKPOINT_FILE, note)
@@ -278,6 +276,16 @@ class StoreWriter:
         self._signed_ns = time.time_ns()
         self._publish_mirror(note)
         return note
+
+    def _sign_tree(self, extensions: tuple[str, ...] = ()) -> bytes:
+        """The signed checkpoint note of the tree as it is now."""
+        checkpoint = Checkpoint(
+            origin=self.origin,
+            size=self._range.size,
+            root=self._range.root(),
+            extensions=extensions,
+        )
+        return sign_checkpoint(checkpoint, self._key)
 
     def _publish_mirror(self, note: bytes) -> None:
         if self._mirror is None:
@@ -353,10 +361,7 @@ class StoreWriter:
         try:
             end = write_header(fd, header)
             os.fsync(fd)
-            note = sign_checkpoint(
-                Checkpoint(origin=self.origin, size=self._range.size, root=self._range.root()),
-                self._key,
-            )
+            note = self._sign_tree()
             # Replaced, not appended: a crash may have left one of an earlier try.
             _replace_file(layout.checkpoints_path(self.dir, number), frame_note(note))
             os.rename(building, path)
@@ -387,8 +392,6 @@ class StoreWriter:
         if not self._retention_ns:
             return
         now_ns = now_ns or time.time_ns()
-        from scalple.records import rfc3339  # the records' own time form
-
         limit = rfc3339(now_ns - self._retention_ns)
         catalog = self._open_catalog()
         sealed = {e.number: e for e in catalog.entries(self.origin) if e.removed_ns is None}
